@@ -1,0 +1,101 @@
+"""The ``hvdllm`` command.
+
+    hvdllm train --config FILE.toml [--set section.key=value ...]
+    hvdllm info
+
+``train`` runs as a single process, under ``horovodrun -np N -H localhost:N``
+or under ``mpirun -np N``.  Errors caused by input (bad config, missing
+data, missing build) print one line, ``hvdllm: error: ...``, and exit 2.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+from .common.errors import HvdllmError
+
+EXIT_USAGE = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvdllm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"hvdllm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a model from a TOML config")
+    train.add_argument("--config", help="TOML config file (defaults apply to missing keys)")
+    train.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    sub.add_parser("info", help="print versions and what Horovod was built with")
+    return parser
+
+
+def _world_rank() -> int:
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK", "HOROVOD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
+
+
+def _info() -> int:
+    import platform
+
+    print(f"hvdllm {__version__} on Python {platform.python_version()}")
+    for name in ("numpy", "mpi4py", "torch", "tensorflow", "keras", "horovod"):
+        try:
+            mod = __import__(name)
+            print(f"  {name:<10} {getattr(mod, '__version__', '?')}")
+        except Exception as exc:  # report, do not fail
+            print(f"  {name:<10} missing ({str(exc).splitlines()[0]})")
+    try:
+        from mpi4py import MPI
+
+        print(f"  MPI        {MPI.Get_library_version().splitlines()[0]}")
+    except Exception as exc:
+        print(f"  MPI        missing ({exc})")
+    for fw, mod in (("torch", "horovod.torch"), ("tensorflow", "horovod.tensorflow")):
+        try:
+            __import__(mod)
+            print(f"  {mod:<18} available")
+        except Exception as exc:
+            print(f"  {mod:<18} missing ({str(exc).splitlines()[0]})")
+    return 0
+
+
+def _report(exc: HvdllmError) -> int:
+    """Print a user error once (rank 0, or each failing rank if not all failed)."""
+    rank = _world_rank()
+    if type(exc).__name__ == "PeerSetupError":
+        return EXIT_USAGE  # the rank that failed prints the reason
+    if rank == 0 or not getattr(exc, "all_ranks", True):
+        prefix = "hvdllm: error: " if rank == 0 else f"hvdllm: error (rank {rank}): "
+        print(prefix + str(exc), file=sys.stderr, flush=True)
+    return EXIT_USAGE
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "info":
+        return _info()
+    from .common.config import load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except HvdllmError as exc:  # same on every rank: nothing to agree on
+        return _report(exc)
+    from .train.runner import train
+
+    try:
+        train(cfg)
+    except HvdllmError as exc:
+        from mpi4py import MPI
+
+        if getattr(exc, "agreed", False) or MPI.COMM_WORLD.Get_size() == 1:
+            return _report(exc)
+        raise  # a run-time error on some ranks: the failure handler ends the job
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,372 @@
+"""Typed configuration: dataclasses loaded from TOML plus ``--set`` overrides.
+
+A config file has one table per dataclass below (``[model]``, ``[parallel]``,
+``[train]``, ``[data]``, ``[output]``).  Every key is optional; a missing key
+keeps its default.  Mistakes are caught here, at load time, with a message
+that names the key:
+
+* an unknown section or key names the nearest valid one;
+* a value of the wrong type names the key and the expected type;
+* values that cannot work together (a global batch that does not split
+  into micro-batches, say) name every number involved.
+
+Checks that need the world size (``dp * tp * pp == world``) live in
+:mod:`hvdllm.common.topology`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import ConfigError, NotImplementedYetError
+
+FRAMEWORKS = ("torch", "tensorflow")
+MODEL_FAMILIES = ("gpt",)
+PLANNED_MODEL_FAMILIES = ("llama",)
+
+
+@dataclass
+class ModelConfig:
+    """Transformer shape.
+
+    Args:
+        family: "gpt" (GPT-2 style). "llama" arrives with tensor parallelism.
+        n_layer: number of transformer blocks.
+        n_head: attention heads; must divide d_model.
+        d_model: residual stream width.
+        seq_len: tokens per training sequence (the context length).
+        vocab_size: vocabulary size; at least 256 for the byte tokenizer.
+        dropout: dropout probability.  Keep 0.0 to compare layouts exactly.
+        init_std: standard deviation of the normal weight initialisation.
+    """
+
+    family: str = "gpt"
+    n_layer: int = 2
+    n_head: int = 4
+    d_model: int = 64
+    seq_len: int = 64
+    vocab_size: int = 256
+    dropout: float = 0.0
+    init_std: float = 0.02
+
+
+@dataclass
+class ParallelConfig:
+    """Parallel layout: world size = dp * tp * pp.
+
+    Args:
+        dp: data-parallel degree.
+        tp: tensor-parallel degree (only 1 for now).
+        pp: pipeline-parallel degree (only 1 for now).
+        timeout_sec: deadline of every blocking hvdllm communication call.
+    """
+
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    timeout_sec: float = 300.0
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings.
+
+    Args:
+        framework: "torch" or "tensorflow".
+        steps: optimizer steps to run.
+        global_batch_size: sequences per optimizer step, all ranks together.
+        micro_batch_size: sequences per rank per forward pass.  Gradient
+            accumulation steps = global_batch_size / (micro_batch_size * dp).
+        lr: peak learning rate of AdamW.
+        warmup_steps: linear warm-up steps before the peak learning rate.
+        weight_decay: AdamW decoupled weight decay (matrices only).
+        beta1, beta2, eps: AdamW constants.
+        seed: seed of the weight initialisation and the data order.
+        log_every: write a metrics line every this many steps.
+        sample_tokens: bytes of text to generate at the end (0 = none).
+    """
+
+    framework: str = "torch"
+    steps: int = 20
+    global_batch_size: int = 8
+    micro_batch_size: int = 2
+    lr: float = 1e-3
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    seed: int = 1234
+    log_every: int = 1
+    sample_tokens: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Training text.
+
+    Args:
+        path: a text file or a directory of text files, read as bytes.
+            "" selects the bundled corpus (Python's own documentation).
+    """
+
+    path: str = ""
+
+
+@dataclass
+class OutputConfig:
+    """Where rank 0 writes ``metrics.jsonl`` and ``config.toml``.
+
+    Args:
+        dir: output directory (created if missing).
+    """
+
+    dir: str = "runs/example"
+
+
+@dataclass
+class Config:
+    """The whole resolved configuration of a run."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches per rank per optimizer step."""
+        t, p = self.train, self.parallel
+        return t.global_batch_size // (t.micro_batch_size * p.dp)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _section_types() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Config)}
+
+
+def _field_types(section_cls: type) -> dict[str, type]:
+    hints = typing.get_type_hints(section_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(section_cls)}
+
+
+def _nearest(name: str, choices: Iterable[str]) -> str | None:
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def _unknown_key_message(section: str, key: str) -> str:
+    sections = _section_types()
+    valid = _field_types(sections[section])
+    msg = f"unknown config key '{section}.{key}'"
+    near = _nearest(key, valid)
+    if near is None:
+        # The key may belong to another section.
+        for other, cls in sections.items():
+            if key in _field_types(cls):
+                near_full = f"{other}.{key}"
+                break
+        else:
+            near_full = None
+    else:
+        near_full = f"{section}.{near}"
+    if near_full:
+        msg += f"; did you mean '{near_full}'?"
+    else:
+        msg += f"; valid keys in [{section}]: {', '.join(valid)}"
+    return msg
+
+
+def _coerce(section: str, key: str, value: Any, expected: type, raw: str | None) -> Any:
+    """Check ``value`` against ``expected``; ``raw`` is the --set text, if any."""
+    name = f"{section}.{key}"
+    if expected is bool:
+        if isinstance(value, bool):
+            return value
+    elif expected is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif expected is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif expected is str:
+        if isinstance(value, str):
+            return value
+        if raw is not None:
+            # `--set data.path=123` means the string "123".
+            return raw
+    got = type(value).__name__
+    raise ConfigError(
+        f"config key '{name}' expects {expected.__name__}, got {got} {value!r}"
+    )
+
+
+def _parse_override(item: str) -> tuple[str, str, Any, str]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    path, raw = item.split("=", 1)
+    path = path.strip()
+    if path.count(".") != 1 or not all(path.split(".")):
+        raise ConfigError(f"--set expects section.key=value, got {item!r}")
+    section, key = path.split(".")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # bare words are strings: --set train.framework=torch
+    return section, key, value, raw
+
+
+def _apply(cfg_dict: dict[str, dict[str, Any]], section: str, key: str, value: Any,
+           raw: str | None) -> None:
+    sections = _section_types()
+    if section not in sections:
+        near = _nearest(section, sections)
+        hint = f"; did you mean [{near}]?" if near else ""
+        raise ConfigError(
+            f"unknown config section [{section}]{hint} valid sections: {', '.join(sections)}"
+        )
+    types = _field_types(sections[section])
+    if key not in types:
+        raise ConfigError(_unknown_key_message(section, key))
+    cfg_dict[section][key] = _coerce(section, key, value, types[key], raw)
+
+
+def build_config(data: Mapping[str, Any] | None = None,
+                 overrides: Iterable[str] = ()) -> Config:
+    """Build and validate a :class:`Config` from a TOML-shaped dict and ``--set`` items."""
+    base = Config().to_dict()
+    for section, table in (data or {}).items():
+        if not isinstance(table, Mapping):
+            sections = _section_types()
+            if section in sections:
+                raise ConfigError(f"config section [{section}] must be a table, got {table!r}")
+            near = None
+            for name, cls in sections.items():
+                if section in _field_types(cls):
+                    near = f"{name}.{section}"
+            hint = f"; did you mean '{near}' under [{near.split('.')[0]}]?" if near else ""
+            raise ConfigError(f"unknown top-level config key '{section}'{hint}")
+        for key, value in table.items():
+            _apply(base, section, key, value, None)
+    for item in overrides:
+        section, key, value, raw = _parse_override(item)
+        _apply(base, section, key, value, raw)
+    cfg = Config(**{name: cls(**base[name]) for name, cls in _section_types().items()})
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Iterable[str] = ()) -> Config:
+    """Load a TOML file (or defaults when ``path`` is None) and apply overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {p} is not valid TOML: {exc}") from None
+    return build_config(data, overrides)
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"config key '{name}' must be > 0, got {value}")
+
+
+def validate(cfg: Config) -> None:
+    """Check values and their combinations; raise :class:`ConfigError`."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if t.framework not in FRAMEWORKS:
+        near = _nearest(t.framework, FRAMEWORKS)
+        hint = f" (did you mean '{near}'?)" if near else ""
+        raise ConfigError(
+            f"unknown train.framework '{t.framework}'{hint}; choose one of: {', '.join(FRAMEWORKS)}"
+        )
+    if m.family in PLANNED_MODEL_FAMILIES:
+        raise NotImplementedYetError(
+            f"model.family '{m.family}' is not implemented yet (it arrives with tensor "
+            f"parallelism); available: {', '.join(MODEL_FAMILIES)}"
+        )
+    if m.family not in MODEL_FAMILIES:
+        raise ConfigError(
+            f"unknown model.family '{m.family}'; choose one of: {', '.join(MODEL_FAMILIES)}"
+        )
+    for name in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
+        _positive(f"model.{name}", getattr(m, name))
+    if m.d_model % m.n_head:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
+        )
+    if m.vocab_size < 256:
+        raise ConfigError(
+            f"model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs >= 256)"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
+    _positive("model.init_std", m.init_std)
+    for name in ("dp", "tp", "pp"):
+        _positive(f"parallel.{name}", getattr(p, name))
+    _positive("parallel.timeout_sec", p.timeout_sec)
+    if p.tp > 1:
+        raise NotImplementedYetError(
+            f"parallel.tp={p.tp}: tensor parallelism is not implemented yet; use parallel.tp=1"
+        )
+    if p.pp > 1:
+        raise NotImplementedYetError(
+            f"parallel.pp={p.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1"
+        )
+    for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
+        _positive(f"train.{name}", getattr(t, name))
+    _positive("train.lr", t.lr)
+    for name in ("warmup_steps", "sample_tokens"):
+        if getattr(t, name) < 0:
+            raise ConfigError(f"config key 'train.{name}' must be >= 0, got {getattr(t, name)}")
+    if t.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    for name in ("beta1", "beta2"):
+        if not 0.0 <= getattr(t, name) < 1.0:
+            raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
+    _positive("train.eps", t.eps)
+    per_step = t.micro_batch_size * p.dp
+    if t.global_batch_size % per_step:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} is not divisible by "
+            f"train.micro_batch_size={t.micro_batch_size} x parallel.dp={p.dp} (= {per_step})"
+        )
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return {math.inf: "inf", -math.inf: "-inf"}.get(value, "nan")
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """Serialise a config to TOML text that :func:`load_config` reads back."""
+    lines: list[str] = []
+    for section, table in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in table.items())
+        lines.append("")
+    return "\n".join(lines)

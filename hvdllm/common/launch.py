@@ -1,0 +1,63 @@
+"""Facts about how this process was launched, shared by both adapters."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from .errors import EnvironmentSetupError
+
+BUILD_HINT = ("build it with `make setup` in the hvdllm checkout, or run "
+              "`bash scripts/build_horovod.sh` inside your Python environment")
+
+
+def world_comm() -> Any:
+    """``MPI.COMM_WORLD``, with a clear error if mpi4py or MPI is missing."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise EnvironmentSetupError(
+            f"mpi4py is not importable ({exc}); install MPI and mpi4py, e.g. `make setup`"
+        ) from None
+    return MPI.COMM_WORLD
+
+
+def local_size(comm: Any) -> int:
+    """Ranks on this node (shared-memory domain)."""
+    env = os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") or os.environ.get("MPI_LOCALNRANKS")
+    if env:
+        return int(env)
+    from mpi4py import MPI
+
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        return node.Get_size()
+    finally:
+        node.Free()
+
+
+def threads_per_rank(comm: Any) -> int:
+    """CPU threads each rank should use so ranks on a node do not oversubscribe."""
+    return max(1, (os.cpu_count() or 1) // local_size(comm))
+
+
+def check_launcher(comm: Any) -> None:
+    """Catch launches where Horovod and MPI would disagree about the world.
+
+    ``horovodrun --gloo`` starts ranks without MPI, so every process would
+    see an MPI world of one and train alone.  hvdllm's groups and
+    point-to-point traffic need MPI, so refuse that launch.
+    """
+    gloo_size = os.environ.get("HOROVOD_SIZE")
+    if gloo_size and os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
+        if int(gloo_size) != comm.Get_size():
+            raise EnvironmentSetupError(
+                f"launched by horovodrun with Gloo ({gloo_size} ranks) but MPI sees "
+                f"{comm.Get_size()}; hvdllm needs MPI: use `horovodrun --mpi` or `mpirun`"
+            )
+
+
+def horovod_missing(framework: str, exc: BaseException) -> EnvironmentSetupError:
+    return EnvironmentSetupError(
+        f"Horovod with {framework} support is not available ({str(exc).splitlines()[0]}); "
+        f"{BUILD_HINT}"
+    )

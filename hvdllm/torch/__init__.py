@@ -1,0 +1,1 @@
+"""PyTorch adapter: models, data-parallel gradient sync and the training engine."""

@@ -1,0 +1,87 @@
+"""The PyTorch training engine: model, AdamW and data-parallel gradient sync."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from ..common.config import Config
+from ..common.topology import ParallelGroups
+from .data_parallel import GradientSync, broadcast_module
+from .distributed import import_horovod
+from .models import GPT, GPTConfig
+
+
+def build_model(cfg: Config) -> GPT:
+    """The reference model for ``cfg.model``, initialised from ``train.seed``."""
+    m = cfg.model
+    torch.manual_seed(cfg.train.seed)
+    return GPT(GPTConfig(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
+                         n_head=m.n_head, d_model=m.d_model, dropout=m.dropout,
+                         init_std=m.init_std))
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices only (not biases, norms or positions' 1-D params)."""
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": t.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+
+
+class TorchEngine:
+    """Data-parallel GPT training step on CPU tensors.
+
+    Gradient accumulation: each micro-batch's loss is scaled by
+    1/accum_steps and back-propagated; only the last micro-batch's backward
+    starts the (overlapped) DP allreduce, so accumulation costs no traffic.
+    """
+
+    def __init__(self, cfg: Config, groups: ParallelGroups):
+        self.cfg = cfg
+        self.groups = groups
+        hvd = import_horovod()
+        self.model = build_model(cfg)
+        broadcast_module(self.model, groups.dp, hvd)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.sync = GradientSync(self.model.named_parameters(), groups.dp, hvd)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+
+    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                   lr: float) -> float:
+        self.model.train()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        n = len(micro_batches)
+        total = 0.0
+        for i, (x, y) in enumerate(micro_batches):
+            loss = self.model.loss(torch.from_numpy(x), torch.from_numpy(y))
+            if i == n - 1:
+                with self.sync.sync():
+                    (loss / n).backward()
+            else:
+                (loss / n).backward()
+            total += loss.item()
+        self.sync.wait()
+        self.optimizer.step()
+        return total / n
+
+    def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
+        self.model.eval()
+        gen = torch.Generator().manual_seed(seed)
+        idx = torch.from_numpy(np.asarray(prompt, np.int64))[None, :]
+        return self.model.generate(idx, max_new_tokens, generator=gen)[0].numpy()
+
+    def parameter_checksum(self) -> float:
+        with torch.no_grad():
+            return float(sum(p.double().sum() for p in self.model.parameters()))
+
+
+def build_engine(cfg: Config, groups: ParallelGroups, threads: int) -> TorchEngine:
+    """Engine for ``hvdllm train``; ``threads`` is this rank's share of the node's cores."""
+    torch.set_num_threads(threads)
+    return TorchEngine(cfg, groups)

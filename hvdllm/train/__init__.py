@@ -1,0 +1,1 @@
+"""Entry-point layer: config -> topology -> framework engine -> training loop."""

@@ -1,0 +1,72 @@
+"""The framework-free training loop shared by the torch and TensorFlow paths."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..common.config import Config
+from ..common.data import ByteTokenizer, ShardedBatchSampler, TokenWindows
+from ..common.metrics import MetricsWriter, ProgressBar
+from ..common.topology import ParallelGroups
+from .engine import Engine
+
+
+def learning_rate(step: int, cfg: Config) -> float:
+    """Linear warm-up to ``train.lr`` over ``train.warmup_steps``, then constant."""
+    t = cfg.train
+    if t.warmup_steps and step <= t.warmup_steps:
+        return t.lr * step / t.warmup_steps
+    return t.lr
+
+
+@dataclass
+class TrainSummary:
+    """What a run produced, returned to the CLI and to tests."""
+
+    losses: list[float] = field(default_factory=list)
+    steps: int = 0
+    elapsed_sec: float = 0.0
+    sample_text: str = ""
+
+
+def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: ParallelGroups,
+                 writer: MetricsWriter, show_progress: bool) -> TrainSummary:
+    """Train for ``cfg.train.steps`` optimizer steps.
+
+    The logged loss is the mean over the whole global batch: each rank's
+    loss averaged over the data-parallel group.
+    """
+    t = cfg.train
+    dp_rank, _, _ = groups.coords
+    sampler = ShardedBatchSampler(len(windows), t.global_batch_size, t.micro_batch_size,
+                                  dp_rank, groups.topology.dp, t.seed)
+    progress = ProgressBar(t.steps, enabled=show_progress)
+    summary = TrainSummary()
+    tokens_per_step = t.global_batch_size * cfg.model.seq_len
+    start = time.perf_counter()
+    window_start, window_steps = start, 0
+    for step in range(1, t.steps + 1):
+        micro = [windows.batch(indices) for indices in sampler.next_step()]
+        lr = learning_rate(step, cfg)
+        local_loss = engine.train_step(micro, lr)
+        window_steps += 1
+        if step % t.log_every == 0 or step == t.steps:
+            loss = float(groups.dp.allreduce(np.array([local_loss], np.float64), "mean")[0])
+            now = time.perf_counter()
+            tokens_per_sec = tokens_per_step * window_steps / max(now - window_start, 1e-9)
+            record = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
+                      "elapsed_sec": now - start, "epoch": sampler.epoch}
+            writer.log(record)
+            summary.losses.append(loss)
+            progress.update(step, loss=loss, tok_s=int(tokens_per_sec))
+            window_start, window_steps = now, 0
+    summary.steps = t.steps
+    summary.elapsed_sec = time.perf_counter() - start
+    if t.sample_tokens:
+        tok = ByteTokenizer()
+        prompt = tok.encode("The ")
+        out = engine.generate(prompt, t.sample_tokens, seed=t.seed)
+        summary.sample_text = tok.decode(out)
+    return summary

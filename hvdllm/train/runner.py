@@ -1,0 +1,113 @@
+"""``hvdllm train``: config -> topology -> groups -> engine -> loop.
+
+Start-up runs in two phases:
+
+1. **Set-up** (no Horovod yet): topology against the world size, data,
+   framework import.  Every rank runs it, then the ranks agree on whether it
+   failed anywhere, so a bad config or a missing file gives one clean error
+   on every launch method, never a hang.
+2. **Training**: Horovod and the groups are initialised, and an uncaught
+   exception on any rank aborts the whole job (see
+   :mod:`hvdllm.common.failure`).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from ..common.comm import PendingOp
+from ..common.config import Config, to_toml
+from ..common.data import TokenWindows, load_tokens
+from ..common.errors import HvdllmError
+from ..common.failure import install_failure_handler
+from ..common.launch import check_launcher, threads_per_rank, world_comm
+from ..common.metrics import MetricsWriter
+from ..common.topology import Topology, describe
+from .loop import TrainSummary, run_training
+
+ADAPTERS = {"torch": "hvdllm.torch", "tensorflow": "hvdllm.tensorflow"}
+
+
+class PeerSetupError(HvdllmError):
+    """Another rank failed during set-up; that rank reports the reason."""
+
+
+def _agree(comm: Any, error: HvdllmError | None, timeout_sec: float) -> None:
+    """Raise on every rank if set-up failed on any rank.
+
+    The raised error carries ``all_ranks``: True when every rank failed (so
+    rank 0 alone needs to print the shared message).
+    """
+    size = comm.Get_size()
+    failed = 1 if error else 0
+    if size > 1:
+        send = np.array([failed], np.int64)
+        recv = np.empty_like(send)
+        PendingOp([comm.Iallreduce(send, recv)], f"set-up agreement after {timeout_sec:g}s",
+                  time.monotonic() + timeout_sec).wait()
+        failed = int(recv[0])
+    if not failed:
+        return
+    if error is None:
+        error = PeerSetupError(f"{failed} other rank(s) failed during set-up")
+    error.all_ranks = failed == size  # type: ignore[attr-defined]
+    error.agreed = True  # type: ignore[attr-defined]
+    raise error
+
+
+def _load_adapter(framework: str) -> Any:
+    """Import ``hvdllm.<framework>.engine`` and check Horovod is importable for it."""
+    engine_mod = importlib.import_module(ADAPTERS[framework] + ".engine")
+    dist_mod = importlib.import_module(ADAPTERS[framework] + ".distributed")
+    dist_mod.import_horovod()
+    return engine_mod, dist_mod
+
+
+def train(cfg: Config) -> TrainSummary:
+    """Run ``hvdllm train`` for an already validated config."""
+    comm = world_comm()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    error: HvdllmError | None = None
+    try:
+        check_launcher(comm)
+        topology = Topology(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp)
+        topology.check_world_size(size)
+        windows = TokenWindows(load_tokens(cfg.data.path), cfg.model.seq_len)
+        engine_mod, dist_mod = _load_adapter(cfg.train.framework)
+    except HvdllmError as exc:
+        error = exc
+    _agree(comm, error, cfg.parallel.timeout_sec)
+
+    install_failure_handler(comm)
+    threads = threads_per_rank(comm)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
+    writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
+    writer.write_config(to_toml(cfg))
+    engine = engine_mod.build_engine(cfg, groups, threads=threads)
+    if rank == 0:
+        print(f"hvdllm: {cfg.train.framework} {cfg.model.family} with {engine.num_params:,} "
+              f"parameters; world {size} = dp {topology.dp} x tp {topology.tp} x pp "
+              f"{topology.pp}; {cfg.grad_accum_steps} accumulation step(s) of "
+              f"{cfg.train.micro_batch_size} sequences; corpus {len(windows.tokens):,} tokens",
+              flush=True)
+    if os.environ.get("HVDLLM_VERBOSE"):
+        print(f"hvdllm: {describe(topology, rank)}", flush=True)
+    try:
+        summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0)
+    finally:
+        writer.close()
+    if rank == 0:
+        losses = summary.losses
+        print(f"hvdllm: done {summary.steps} steps in {summary.elapsed_sec:.1f}s; loss "
+              f"{losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {cfg.output.dir}/metrics.jsonl",
+              flush=True)
+        if summary.sample_text:
+            print("hvdllm: sample:\n" + summary.sample_text, flush=True)
+    sys.stdout.flush()
+    return summary
