@@ -51,7 +51,7 @@ def _info() -> int:
     try:
         from mpi4py import MPI
 
-        print(f"  MPI        {MPI.Get_library_version().splitlines()[0]}")
+        print(f"  MPI        {MPI.Get_library_version().splitlines()[0].rstrip(chr(0))}")
     except Exception as exc:
         print(f"  MPI        missing ({exc})")
     for fw, mod in (("torch", "horovod.torch"), ("tensorflow", "horovod.tensorflow")):

@@ -1,0 +1,33 @@
+# hvdllm: `make demo` trains a tiny GPT on 2 ranks; `make test` runs the suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+NP ?= 2
+FRAMEWORK ?= torch
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+# Open MPI refuses to run as root unless told it is fine (containers, CI).
+ifeq ($(shell id -u),0)
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+endif
+
+.PHONY: setup demo test test-all bench clean
+
+setup:
+	@bash scripts/setup_env.sh
+
+demo: setup
+	horovodrun -np $(NP) -H localhost:$(NP) $(PY) -m hvdllm train \
+	    --config configs/demo.toml --set parallel.dp=$(NP) --set train.framework=$(FRAMEWORK)
+
+test: setup
+	$(PY) -m pytest tests -q -ra
+
+test-all: setup
+	$(PY) -m pytest tests -q -ra -m "slow or not slow"
+
+bench: setup
+	$(PY) benchmarks/dp_overhead.py
+
+clean:
+	rm -rf runs .pytest_cache

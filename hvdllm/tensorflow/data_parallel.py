@@ -1,0 +1,57 @@
+"""Data-parallel gradient averaging and parameter broadcast over Horovod.
+
+The TensorFlow engine computes a whole optimizer step in one ``tf.function``:
+gradients of all micro-batches are summed locally first, and only then
+:func:`allreduce_gradients` adds one grouped Horovod allreduce (average over
+the DP process set) to the graph.  Accumulation therefore costs no traffic,
+and Horovod fuses the step's gradients into as few messages as fit its
+fusion buffer.
+
+Horovod's Keras API is not used: it does not support Keras 3 variables.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+from ..common.comm import Group
+
+
+def allreduce_gradients(grads: Sequence[tf.Tensor], group: Group, hvd: Any) -> list[tf.Tensor]:
+    """Average ``grads`` over ``group``; identity for a group of one.
+
+    Call it inside the ``tf.function`` of the training step, so the
+    allreduce is part of the step's graph.  Every rank of the group must
+    pass tensors of the same shapes in the same order.
+
+    Args:
+        grads: dense gradients, one per trainable variable.
+        group: the data-parallel group; its ``process_set`` is used.
+        hvd: the ``horovod.tensorflow`` module.
+    """
+    if group.size == 1:
+        return list(grads)
+    return hvd.grouped_allreduce(list(grads), op=hvd.Average, process_set=group.process_set)
+
+
+def broadcast_variables(variables: Sequence[Any], group: Group, hvd: Any, root: int = 0) -> None:
+    """Copy ``variables`` from ``group`` rank ``root`` to every rank of the group, in place.
+
+    Horovod's ``root_rank`` is a global rank even within a process set (it
+    maps it to the set's rank itself), so the group rank is translated here.
+
+    Args:
+        variables: Keras (or TensorFlow) variables, identical in order and
+            shape on every rank.
+        group: the group to broadcast over; its ``process_set`` is used.
+        hvd: the ``horovod.tensorflow`` module.
+        root: group rank whose values win.
+    """
+    if group.size == 1:
+        return
+    # Keras 3 variables wrap a tf.Variable; Horovod's in-place op needs the latter.
+    tf_variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+    hvd.broadcast_(tf_variables, root_rank=group.ranks[root], name=f"{group.kind}.bcast",
+                   process_set=group.process_set)

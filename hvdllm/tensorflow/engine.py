@@ -1,0 +1,119 @@
+"""The TensorFlow training engine: Keras GPT, AdamW and data-parallel gradient sync."""
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from ..common.config import Config
+from ..common.topology import ParallelGroups
+from .data_parallel import allreduce_gradients, broadcast_variables
+from .distributed import import_horovod
+from .models import GPT
+
+
+def build_model(cfg: Config) -> GPT:
+    """The reference model for ``cfg.model``, initialised from ``train.seed``."""
+    m = cfg.model
+    keras.utils.set_random_seed(cfg.train.seed)
+    model = GPT(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer, n_head=m.n_head,
+                d_model=m.d_model, dropout=m.dropout, init_std=m.init_std)
+    model.build((None, m.seq_len))
+    return model
+
+
+def build_optimizer(model: keras.Model, cfg: Config) -> keras.optimizers.AdamW:
+    """AdamW with weight decay on matrices only (embeddings included; biases and norms not)."""
+    t = cfg.train
+    optimizer = keras.optimizers.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay,
+                                       beta_1=t.beta1, beta_2=t.beta2, epsilon=t.eps)
+    optimizer.exclude_from_weight_decay(
+        var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
+    # Build now, eagerly: the slot variables must exist before the step is traced.
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
+class TensorFlowEngine:
+    """Data-parallel GPT training step, one ``tf.function`` call per optimizer step.
+
+    Gradient accumulation: each micro-batch's loss is scaled by
+    1/accum_steps and its gradients are summed into the running total in
+    the graph; the DP allreduce runs once, on the total, after the last
+    micro-batch, so accumulation costs no traffic.
+
+    Args:
+        cfg: the run's configuration.
+        groups: this rank's groups; gradients are averaged over ``groups.dp``.
+    """
+
+    def __init__(self, cfg: Config, groups: ParallelGroups):
+        self.cfg = cfg
+        self.groups = groups
+        self.hvd = import_horovod()
+        self.model = build_model(cfg)
+        self.variables = list(self.model.trainable_variables)
+        broadcast_variables(self.variables, groups.dp, self.hvd)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.num_params = sum(int(np.prod(v.shape)) for v in self.variables)
+        # Traced once per micro-batch layout; the learning rate is a tensor
+        # argument so that a new value each step does not retrace.
+        self._step = tf.function(self._step_graph)
+
+    def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, scale: float) -> tuple[tf.Tensor, list]:
+        """Loss of one micro-batch and the gradients of ``scale * loss``."""
+        with tf.GradientTape() as tape:
+            loss = self.model.next_token_loss(x, y, training=True)
+            scaled = loss * scale
+        grads = tape.gradient(scaled, self.variables)
+        # Embedding lookups give IndexedSlices; the sum and the allreduce want dense tensors.
+        return loss, [tf.convert_to_tensor(g) for g in grads]
+
+    def _step_graph(self, xs: tf.Tensor, ys: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+        """One optimizer step over micro-batches ``xs``, ``ys`` of shape (n, micro_batch, t)."""
+        n = xs.shape[0]
+        total, grads = self._micro_batch(xs[0], ys[0], 1.0 / n)
+        if n > 1:
+            # A graph loop, not an unrolled one: the graph stays the same size for any n.
+            for i in tf.range(1, n):
+                loss, more = self._micro_batch(xs[i], ys[i], 1.0 / n)
+                total += loss
+                grads = [g + m for g, m in zip(grads, more)]
+        grads = allreduce_gradients(grads, self.groups.dp, self.hvd)
+        self.optimizer.learning_rate.assign(lr)
+        self.optimizer.apply(grads, self.variables)
+        return total / n
+
+    def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
+                   lr: float) -> float:
+        xs = tf.convert_to_tensor(np.stack([x for x, _ in micro_batches]))
+        ys = tf.convert_to_tensor(np.stack([y for _, y in micro_batches]))
+        return float(self._step(xs, ys, tf.constant(lr, tf.float32)))
+
+    def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
+        return self.model.generate(prompt, max_new_tokens, seed)
+
+    def parameter_checksum(self) -> float:
+        return float(sum(np.sum(v.numpy(), dtype=np.float64) for v in self.variables))
+
+
+def build_engine(cfg: Config, groups: ParallelGroups, threads: int) -> TensorFlowEngine:
+    """Engine for ``hvdllm train``; ``threads`` is this rank's share of the node's cores.
+
+    Sets TensorFlow's thread pools first: they are fixed once any op has run.
+    """
+    _set_threads(threads)
+    return TensorFlowEngine(cfg, groups)
+
+
+def _set_threads(threads: int) -> None:
+    """Size TF's thread pools, unless TF already runs (then they can no longer change)."""
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        # Two inter-op threads let an in-graph allreduce wait while compute goes on.
+        tf.config.threading.set_inter_op_parallelism_threads(2)
+    except RuntimeError as exc:
+        warnings.warn(f"TensorFlow thread pools keep their size: {exc}", stacklevel=3)

@@ -1,0 +1,79 @@
+"""Shared helpers: launching the CLI and multi-rank scripts with hard deadlines.
+
+Every launch runs in its own process group with a timeout; on expiry the
+whole group is killed and the test fails, so a hang on any rank becomes a
+failure in bounded time.  mpirun's exit status is non-zero when any rank
+fails, so a failure on any rank fails the test.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def base_env(extra_pythonpath: str | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(REPO)] + ([extra_pythonpath] if extra_pythonpath else [])
+    if env.get("PYTHONPATH"):
+        paths.append(env["PYTHONPATH"])
+    env["PYTHONPATH"] = os.pathsep.join(paths)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if os.geteuid() == 0:
+        env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+        env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    return env
+
+
+def mpirun_prefix(np: int) -> list[str]:
+    mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
+    if mpirun is None:
+        pytest.fail("mpirun not found; run `make setup`")
+    return [mpirun, "-np", str(np), "--oversubscribe"]
+
+
+def horovodrun_prefix(np: int) -> list[str]:
+    return [str(BIN / "horovodrun"), "-np", str(np), "-H", f"localhost:{np}"]
+
+
+def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None,
+        cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a new process group; kill the group and fail on timeout."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env or base_env(), cwd=cwd or REPO, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"timed out after {timeout}s: {' '.join(cmd)}\n--- stdout\n{out[-3000:]}"
+                    f"\n--- stderr\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def run_ok(cmd: list[str], timeout: float, **kw) -> subprocess.CompletedProcess:
+    res = run(cmd, timeout, **kw)
+    if res.returncode != 0:
+        pytest.fail(f"exit {res.returncode}: {' '.join(cmd)}\n--- stdout\n{res.stdout[-4000:]}"
+                    f"\n--- stderr\n{res.stderr[-4000:]}")
+    return res
+
+
+def hvdllm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "hvdllm", *args]
+
+
+def read_metrics(out_dir: Path) -> list[dict]:
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]

@@ -1,0 +1,95 @@
+"""Tier 1: config loading, overrides and validation."""
+import tomllib
+
+import pytest
+
+from hvdllm.common.config import Config, build_config, load_config, to_toml
+from hvdllm.common.errors import ConfigError, NotImplementedYetError
+
+
+def test_defaults_match_cli_contract():
+    cfg = build_config({})
+    assert (cfg.model.family, cfg.model.n_layer, cfg.model.n_head, cfg.model.d_model) == ("gpt", 2, 4, 64)
+    assert (cfg.model.seq_len, cfg.model.vocab_size) == (64, 256)
+    assert (cfg.train.framework, cfg.train.steps, cfg.train.global_batch_size) == ("torch", 20, 8)
+    assert (cfg.train.micro_batch_size, cfg.train.lr, cfg.train.seed) == (2, 1e-3, 1234)
+    assert cfg.data.path == "" and cfg.output.dir == "runs/example"
+
+
+def test_toml_file_and_overrides(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('[model]\nn_layer = 3\n[train]\nframework = "torch"\nlr = 1\n[parallel]\ndp = 2\n')
+    cfg = load_config(f, ["train.framework=tensorflow", "train.lr=3e-4", "data.path=/some/where",
+                          "output.dir=out dir"])
+    assert cfg.model.n_layer == 3
+    assert cfg.train.framework == "tensorflow"
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.data.path == "/some/where"
+    assert cfg.output.dir == "out dir"
+    assert cfg.parallel.dp == 2
+    assert cfg.grad_accum_steps == 8 // (2 * 2)
+
+
+def test_int_promoted_to_float_but_not_bool_to_int():
+    assert isinstance(build_config({"train": {"lr": 1}}).train.lr, float)
+    with pytest.raises(ConfigError, match="model.n_layer' expects int, got bool"):
+        build_config({"model": {"n_layer": True}})
+
+
+def test_roundtrip_through_toml():
+    cfg = build_config({}, ["model.n_layer=5", "data.path=x\"y", "train.framework=tensorflow"])
+    again = build_config(tomllib.loads(to_toml(cfg)))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["model.n_layers=2"], r"unknown config key 'model.n_layers'; did you mean 'model.n_layer'\?"),
+    (["model.lr=1"], r"unknown config key 'model.lr'; did you mean 'train.lr'\?"),
+    (["modle.n_layer=1"], r"unknown config section \[modle\]; did you mean \[model\]"),
+    (["model.n_layer=abc"], r"'model.n_layer' expects int, got str 'abc'"),
+    (["train.lr=fast"], r"'train.lr' expects float, got str 'fast'"),
+    (["train.global_batch_size=7"],
+     r"global_batch_size=7 is not divisible by train.micro_batch_size=2 x parallel.dp=1"),
+    (["train.framework=jax"], r"unknown train.framework 'jax'"),
+    (["train.framework=torhc"], r"did you mean 'torch'"),
+    (["model.d_model=65"], r"d_model=65 is not divisible by model.n_head=4"),
+    (["model.vocab_size=100"], r"too small for the byte tokenizer"),
+    (["train.steps=0"], r"'train.steps' must be > 0"),
+    (["oops"], r"--set expects section.key=value"),
+])
+def test_bad_values_name_the_key(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config({}, overrides)
+
+
+@pytest.mark.parametrize("overrides, what", [
+    (["parallel.tp=2"], "tensor parallelism"),
+    (["parallel.pp=2"], "pipeline parallelism"),
+    (["model.family=llama"], "llama"),
+])
+def test_future_features_fail_at_config_time(overrides, what):
+    with pytest.raises(NotImplementedYetError, match="not implemented yet") as info:
+        build_config({}, overrides)
+    assert what in str(info.value)
+
+
+def test_unknown_key_in_file(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("[train]\nmicro_batch = 2\n")
+    with pytest.raises(ConfigError, match="did you mean 'train.micro_batch_size'"):
+        load_config(f)
+
+
+def test_missing_and_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[model\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(bad)
+
+
+def test_config_dataclass_is_independent_per_instance():
+    a, b = Config(), Config()
+    a.model.n_layer = 9
+    assert b.model.n_layer == 2

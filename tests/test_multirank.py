@@ -1,0 +1,47 @@
+"""Tier 2: multi-rank tests under mpirun and horovodrun, each with a deadline."""
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import horovodrun_prefix, mpirun_prefix, run, run_ok
+
+pytestmark = pytest.mark.multirank
+SCRIPTS = Path(__file__).parent / "mpi_scripts"
+
+
+@pytest.mark.parametrize("np_,layout", [(2, (2, 1, 1)), (4, (4, 1, 1)), (4, (2, 2, 1)),
+                                        (4, (1, 2, 2)), (4, (2, 1, 2))])
+def test_group_collectives_and_p2p(np_, layout):
+    res = run_ok(mpirun_prefix(np_) + [sys.executable, str(SCRIPTS / "comm_check.py"),
+                                       *map(str, layout)], timeout=120)
+    assert res.stdout.count("comm checks passed") == np_
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+@pytest.mark.parametrize("layout", [(4, 1, 1), (2, 2, 1), (1, 2, 2)])
+def test_horovod_process_sets_match_groups(framework, layout):
+    res = run_ok(mpirun_prefix(4) + [sys.executable, str(SCRIPTS / "horovod_groups_check.py"),
+                                     framework, *map(str, layout)], timeout=180)
+    assert res.stdout.count("horovod process sets ok") == 4
+
+
+@pytest.mark.parametrize("launcher", ["mpirun", "horovodrun"])
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_one_failing_rank_ends_the_job(launcher, framework):
+    prefix = mpirun_prefix(2) if launcher == "mpirun" else horovodrun_prefix(2)
+    res = run(prefix + [sys.executable, str(SCRIPTS / "fail_one_rank.py"), framework], timeout=120)
+    ended = time.time()
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "ValueError: deliberate failure on the last rank" in out
+    assert "deliberately_broken_step" in out  # the traceback, not just the message
+    assert "rank 1 of 2 failed" in out
+    # The failing rank's report comes before any Horovod shutdown noise.
+    shutdown = out.find("has been shut down")
+    assert shutdown == -1 or shutdown > out.find("deliberate failure")
+    # The job ends within 30 s of the exception (the other rank would wait 600 s).
+    raised = float(re.search(r"raising at ([0-9.]+)", out).group(1))
+    assert ended - raised < 30, ended - raised
