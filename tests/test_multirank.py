@@ -45,3 +45,17 @@ def test_one_failing_rank_ends_the_job(launcher, framework):
     # The job ends within 30 s of the exception (the other rank would wait 600 s).
     raised = float(re.search(r"raising at ([0-9.]+)", out).group(1))
     assert ended - raised < 30, ended - raised
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_stalled_peer_becomes_an_error(framework):
+    res = run(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "stalled_peer.py"), framework, "5"],
+              timeout=120)
+    ended = time.time()
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    # Horovod's stall report names the operation and the missing rank.
+    assert "Missing ranks" in out and "1!: [allreduce.stalled.tensor]" in out, out[-3000:]
+    assert "rank 0 of 2 failed" in out
+    waited = float(re.search(r"waiting at ([0-9.]+)", out).group(1))
+    assert ended - waited < 30, ended - waited

@@ -61,3 +61,17 @@ def horovod_missing(framework: str, exc: BaseException) -> EnvironmentSetupError
         f"Horovod with {framework} support is not available ({str(exc).splitlines()[0]}); "
         f"{BUILD_HINT}"
     )
+
+
+def configure_horovod_deadlines(timeout_sec: float) -> None:
+    """Give Horovod's own waits the same deadline as hvdllm's.
+
+    Horovod's coordinator notices when some ranks submitted a tensor and
+    others did not.  With these settings it warns after a minute (or the
+    deadline, if shorter) and shuts down at the deadline, which turns a rank
+    that stopped participating into an error instead of an endless wait.
+    Must run before ``hvd.init()``; values the user already exported win.
+    """
+    deadline = max(1, int(timeout_sec))
+    os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, deadline)))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(deadline))

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..common.errors import EnvironmentSetupError
-from ..common.launch import horovod_missing
+from ..common.launch import configure_horovod_deadlines, horovod_missing
 from ..common.topology import ParallelGroups, Topology, build_groups
 
 
@@ -23,6 +23,7 @@ def init_groups(topology: Topology, comm: Any, timeout_sec: float) -> ParallelGr
     Collective: every rank of ``comm`` must call it with the same topology.
     """
     hvd = import_horovod()
+    configure_horovod_deadlines(timeout_sec)
     ranks_lists = topology.process_set_ranks()
     psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in ranks_lists}
     hvd.init(comm=comm, process_sets=list(psets.values()))
