@@ -59,3 +59,8 @@ def test_stalled_peer_becomes_an_error(framework):
     assert "rank 0 of 2 failed" in out
     waited = float(re.search(r"waiting at ([0-9.]+)", out).group(1))
     assert ended - waited < 30, ended - waited
+
+
+def test_torch_allreduce_overlaps_backward_and_skips_accumulation():
+    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_check.py")], timeout=120)
+    assert res.stdout.count("torch dp checks passed") == 2
