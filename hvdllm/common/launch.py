@@ -75,3 +75,34 @@ def configure_horovod_deadlines(timeout_sec: float) -> None:
     deadline = max(1, int(timeout_sec))
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, deadline)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(deadline))
+
+
+def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) -> Any:
+    """Initialise Horovod with one process set per multi-rank group; build the groups.
+
+    Framework-free: ``hvd`` is the framework's Horovod module
+    (``horovod.torch`` or ``horovod.tensorflow``), passed in by the adapter.
+    Collective: every rank of ``comm`` must call it with the same topology.
+
+    Args:
+        hvd: Horovod module of the framework in use.
+        topology: the validated :class:`~hvdllm.common.topology.Topology`.
+        comm: mpi4py communicator of the whole job.
+        timeout_sec: deadline of each blocking call, Horovod's stall
+            shutdown included.
+
+    Returns:
+        This rank's :class:`~hvdllm.common.topology.ParallelGroups`.
+    """
+    from .topology import build_groups
+
+    configure_horovod_deadlines(timeout_sec)
+    psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in topology.process_set_ranks()}
+    hvd.init(comm=comm, process_sets=list(psets.values()))
+    if hvd.size() != comm.Get_size() or hvd.rank() != comm.Get_rank():
+        raise EnvironmentSetupError(
+            f"Horovod sees rank {hvd.rank()} of {hvd.size()} but MPI sees rank "
+            f"{comm.Get_rank()} of {comm.Get_size()}; launch with horovodrun or mpirun"
+        )
+    return build_groups(topology, comm, timeout_sec=timeout_sec, process_sets=psets,
+                        global_process_set=hvd.global_process_set)

@@ -85,7 +85,6 @@ def train(cfg: Config) -> TrainSummary:
 
     install_failure_handler(comm)
     threads = threads_per_rank(comm)
-    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
     writer.write_config(to_toml(cfg))
