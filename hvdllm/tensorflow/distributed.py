@@ -1,11 +1,10 @@
-"""Horovod start-up for TensorFlow: process sets for the topology's groups."""
+"""Horovod start-up for TensorFlow."""
 from __future__ import annotations
 
 from typing import Any
 
-from ..common.errors import EnvironmentSetupError
-from ..common.launch import horovod_missing
-from ..common.topology import ParallelGroups, Topology, build_groups
+from ..common.launch import horovod_missing, init_horovod_groups
+from ..common.topology import ParallelGroups, Topology
 
 
 def import_horovod() -> Any:
@@ -18,23 +17,5 @@ def import_horovod() -> Any:
 
 
 def init_groups(topology: Topology, comm: Any, timeout_sec: float) -> ParallelGroups:
-    """Initialise Horovod with one process set per multi-rank group and build the groups.
-
-    Collective: every rank of ``comm`` must call it with the same topology.
-
-    Args:
-        topology: the validated layout; must match ``comm``'s size.
-        comm: mpi4py communicator of the whole job.
-        timeout_sec: deadline of each blocking call on the groups.
-    """
-    hvd = import_horovod()
-    ranks_lists = topology.process_set_ranks()
-    psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in ranks_lists}
-    hvd.init(comm=comm, process_sets=list(psets.values()))
-    if hvd.size() != comm.Get_size() or hvd.rank() != comm.Get_rank():
-        raise EnvironmentSetupError(
-            f"Horovod sees rank {hvd.rank()} of {hvd.size()} but MPI sees rank "
-            f"{comm.Get_rank()} of {comm.Get_size()}; launch with horovodrun or mpirun"
-        )
-    return build_groups(topology, comm, timeout_sec=timeout_sec, process_sets=psets,
-                        global_process_set=hvd.global_process_set)
+    """Initialise Horovod for TensorFlow and build this rank's groups (collective)."""
+    return init_horovod_groups(import_horovod(), topology, comm, timeout_sec)

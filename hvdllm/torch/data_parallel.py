@@ -83,13 +83,15 @@ class GradientSync:
 def broadcast_module(module: torch.nn.Module, group: Group, hvd: Any, root: int = 0) -> None:
     """Copy parameters and buffers from ``group`` rank ``root`` to every rank of the group.
 
-    Horovod takes ``root_rank`` relative to the process set, i.e. the group rank.
+    Horovod takes ``root_rank`` as a global rank and maps it into the
+    process set itself, so the group rank is translated here.
     """
     if group.size == 1:
         return
+    root_global = group.ranks[root]
     handles = []
     for name, tensor in module.state_dict().items():
-        handles.append(hvd.broadcast_async_(tensor, root_rank=root,
+        handles.append(hvd.broadcast_async_(tensor, root_rank=root_global,
                                             name=f"bcast.{name}", process_set=group.process_set))
     for handle in handles:
         hvd.synchronize(handle)

@@ -27,6 +27,14 @@ if framework == "torch":
         t = torch.tensor([float(value)])
         return float(hvd.allreduce(t, op=hvd.Sum, process_set=group.process_set,
                                    name=f"check.{group.kind}")[0])
+
+    def hvd_broadcast_from(group, root):
+        from hvdllm.torch.data_parallel import broadcast_module
+        layer = torch.nn.Linear(2, 2)
+        with torch.no_grad():
+            layer.weight.fill_(rank)
+        broadcast_module(layer, group, hvd, root=root)
+        return float(layer.weight[0, 0])
 else:
     import tensorflow as tf
 
@@ -39,6 +47,12 @@ else:
         return float(hvd.allreduce(t, op=hvd.Sum, process_set=group.process_set,
                                    name=f"check.{group.kind}").numpy()[0])
 
+    def hvd_broadcast_from(group, root):
+        from hvdllm.tensorflow.data_parallel import broadcast_variables
+        var = tf.Variable(tf.fill([2, 2], float(rank)))
+        broadcast_variables([var], group, hvd, root=root)
+        return float(var.numpy()[0, 0])
+
 for kind in ("dp", "tp", "pp"):
     g = getattr(groups, kind)
     if g.size == 1:
@@ -48,5 +62,8 @@ for kind in ("dp", "tp", "pp"):
     got = hvd_sum(rank + 1, g)
     want = float(sum(r + 1 for r in g.ranks))
     assert got == want, (kind, g.ranks, got, want)
+    # Broadcast from the group's last rank (a group rank, not a global one).
+    got = hvd_broadcast_from(g, root=g.size - 1)
+    assert got == g.ranks[-1], (kind, g.ranks, got)
 assert np.isclose(hvd_sum(1, groups.world), comm.Get_size())
 print(f"rank {rank}: horovod process sets ok", flush=True)

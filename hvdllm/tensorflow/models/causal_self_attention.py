@@ -8,6 +8,7 @@ import keras
 from keras import ops
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class CausalSelfAttention(keras.layers.Layer):
     """Each position attends to itself and earlier positions only.
 
@@ -40,7 +41,7 @@ class CausalSelfAttention(keras.layers.Layer):
         self.proj = keras.layers.Dense(
             self.d_model, name="proj",
             kernel_initializer=keras.initializers.RandomNormal(stddev=self.proj_init_std))
-        self.proj.build(input_shape[:-1] + (self.d_model,))
+        self.proj.build(tuple(input_shape[:-1]) + (self.d_model,))
         self.attn_dropout = keras.layers.Dropout(self.dropout, name="attn_dropout")
         super().build(input_shape)
 

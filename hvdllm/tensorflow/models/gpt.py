@@ -23,6 +23,7 @@ from .position_embedding import PositionEmbedding
 from .transformer_block import LAYER_NORM_EPSILON, TransformerBlock
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class GPT(keras.Model):
     """Token ids ``(b, t)`` -> next-token logits ``(b, t, vocab_size)``.
 

@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class MLP(keras.layers.Layer):
     """Position-wise ``d_model -> 4 * d_model -> d_model`` with exact GELU.
 
@@ -32,7 +33,7 @@ class MLP(keras.layers.Layer):
         self.proj = keras.layers.Dense(
             self.d_model, name="proj",
             kernel_initializer=keras.initializers.RandomNormal(stddev=self.proj_init_std))
-        self.proj.build(input_shape[:-1] + (hidden,))
+        self.proj.build(tuple(input_shape[:-1]) + (hidden,))
         super().build(input_shape)
 
     def call(self, x: Any) -> Any:

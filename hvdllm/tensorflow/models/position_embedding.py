@@ -7,6 +7,7 @@ import keras
 from keras import ops
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class PositionEmbedding(keras.layers.Layer):
     """One learned vector per position, for sequences of up to ``seq_len`` tokens.
 

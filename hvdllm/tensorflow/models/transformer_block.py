@@ -12,6 +12,7 @@ from .mlp import MLP
 LAYER_NORM_EPSILON = 1e-5
 
 
+@keras.saving.register_keras_serializable(package="hvdllm")
 class TransformerBlock(keras.layers.Layer):
     """``x + attn(ln_1(x))`` then ``x + mlp(ln_2(x))``.
 
