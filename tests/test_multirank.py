@@ -66,3 +66,8 @@ def test_stalled_peer_becomes_an_error(framework):
 def test_torch_allreduce_overlaps_backward_and_skips_accumulation():
     res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_check.py")], timeout=120)
     assert res.stdout.count("torch dp checks passed") == 2
+
+
+def test_tensorflow_single_allreduce_outside_accumulation_loop():
+    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "tf_dp_check.py")], timeout=180)
+    assert res.stdout.count("tensorflow dp checks passed") == 2

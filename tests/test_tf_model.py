@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-keras = pytest.importorskip("keras")
-tf = pytest.importorskip("tensorflow")
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
 from hvdllm.common.config import build_config  # noqa: E402
 from hvdllm.tensorflow.models import (  # noqa: E402
