@@ -20,7 +20,14 @@ EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hvdllm", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="hvdllm", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train GPT-style language models with Horovod and MPI (PyTorch or "
+                    "TensorFlow/Keras 3).",
+        epilog="examples:\n"
+               "  hvdllm train --config configs/example.toml --set parallel.dp=1\n"
+               "  horovodrun -np 2 -H localhost:2 hvdllm train --config configs/example.toml\n"
+               "  mpirun -np 4 hvdllm train --config configs/example.toml --set parallel.dp=4")
     parser.add_argument("--version", action="version", version=f"hvdllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a TOML config")
