@@ -2,8 +2,8 @@
 
 Checks that (a) micro-batches before the last start no allreduce, (b) the
 last micro-batch's allreduces start from inside backward() (overlap), one
-per parameter, and (c) parameters stay identical across ranks after steps
-on different data.
+per gradient bucket, with several buckets when they are small, and (c)
+parameters stay identical across ranks after steps on different data.
 """
 import numpy as np
 from mpi4py import MPI
@@ -20,6 +20,12 @@ cfg = build_config({}, [f"parallel.dp={size}", "train.global_batch_size=8",
 groups = init_groups(Topology(size), comm, 60.0)
 eng = engine_mod.build_engine(cfg, groups, threads=1)
 hvd = import_horovod()
+# Small buckets so that the model (about 0.5 MB of gradients) spans several.
+eng.sync.remove()
+eng.sync = type(eng.sync)(eng.model.named_parameters(), groups.dp, hvd, bucket_bytes=64 * 1024)
+n_buckets = len(eng.sync.buckets)
+assert n_buckets >= 4, n_buckets
+assert sum(len(b.params) for b in eng.sync.buckets) == len(list(eng.model.parameters()))
 
 events = []
 phase = {"micro": None, "in_backward": False}
@@ -69,8 +75,7 @@ for step in range(3):
     events.clear()
     phase["micro"] = None
     eng.train_step(micro, lr=1e-3)
-    n_params = len(list(eng.model.parameters()))
-    assert len(events) == n_params, (len(events), n_params)
+    assert len(events) == n_buckets, (len(events), n_buckets)
     assert all(m == accum - 1 for m, _ in events), f"allreduce before the last micro-batch: {events}"
     assert all(inside for _, inside in events), "allreduce started after backward returned"
 checksums = comm.allgather(eng.parameter_checksum())
