@@ -2,10 +2,10 @@
 
 The TensorFlow engine computes a whole optimizer step in one ``tf.function``:
 gradients of all micro-batches are summed locally first, and only then
-:func:`allreduce_gradients` adds one grouped Horovod allreduce (average over
-the DP process set) to the graph.  Accumulation therefore costs no traffic,
-and Horovod fuses the step's gradients into as few messages as fit its
-fusion buffer.
+:func:`allreduce_gradients` adds one Horovod allreduce (average over the DP
+process set) to the graph, on all gradients packed into one flat buffer.
+Accumulation therefore costs no traffic, and the step pays for a single
+Horovod negotiation rather than one per tensor.
 
 Horovod's Keras API is not used: it does not support Keras 3 variables.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 
 from ..common.comm import Group
@@ -33,7 +34,12 @@ def allreduce_gradients(grads: Sequence[tf.Tensor], group: Group, hvd: Any) -> l
     """
     if group.size == 1:
         return list(grads)
-    return hvd.grouped_allreduce(list(grads), op=hvd.Average, process_set=group.process_set)
+    grads = list(grads)
+    flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
+    flat = hvd.allreduce(flat, op=hvd.Average, name=f"{group.kind}.grads",
+                         process_set=group.process_set)
+    sizes = [int(np.prod(g.shape)) for g in grads]
+    return [tf.reshape(part, g.shape) for part, g in zip(tf.split(flat, sizes), grads)]
 
 
 def broadcast_variables(variables: Sequence[Any], group: Group, hvd: Any, root: int = 0) -> None:

@@ -1,8 +1,9 @@
 """Run under mpirun -np 2: the TensorFlow DP engine's communication pattern.
 
-The traced step must hold exactly one grouped Horovod allreduce, in the
-step's top-level graph, and none inside the accumulation loop's body; the
-parameters must stay identical across ranks after steps on different data.
+The traced step must hold exactly one Horovod allreduce (all gradients in
+one flat buffer), in the step's top-level graph, and none inside the
+accumulation loop's body; the parameters must stay identical across ranks
+after steps on different data.
 """
 import numpy as np
 from mpi4py import MPI
@@ -35,7 +36,7 @@ def horovod_ops(nodes):
 
 top = horovod_ops(graph_def.node)
 inner = [op for fn in graph_def.library.function for op in horovod_ops(fn.node_def)]
-assert top == ["HorovodGroupedAllreduce"], top
+assert top == ["HorovodAllreduce"], top
 assert inner == [], f"Horovod ops inside loop bodies: {inner}"
 checksums = comm.allgather(eng.parameter_checksum())
 assert len(set(checksums)) == 1, checksums
