@@ -1,0 +1,154 @@
+"""TensorFlow sides of ``dp_overhead.py``: hvdllm's engine and its plain peer.
+
+* ``engine1``: hvdllm's engine at world size 1, op ``step``.
+* ``plain1``: a textbook Keras 3 / TensorFlow loop on the same model class
+  (hvdllm's Keras GPT): one ``tf.function`` with a ``GradientTape`` and
+  ``optimizer.apply_gradients``, op ``step``.
+* ``engine2``: hvdllm's engine at dp=2, op ``sync``: the engine's gradient
+  averaging function (``allreduce_gradients`` from
+  ``hvdllm/tensorflow/data_parallel.py``) alone, on a whole step's
+  gradients, see :meth:`Engine2Side.sync`; ``sync_flat`` is a what-if for
+  ``--diagnose``.
+
+Intra-op threads come from ``hvdllm.common.launch.threads_per_rank`` on
+every side.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from dp_overhead_common import hvdllm_config, micro_batches, threads
+
+
+class _EngineSide:
+    """hvdllm's own engine, built exactly as ``hvdllm train`` builds it."""
+
+    world = 1
+
+    def __init__(self, settings: dict[str, Any]):
+        from mpi4py import MPI
+
+        from hvdllm.common.topology import Topology
+        from hvdllm.tensorflow.distributed import init_groups
+        from hvdllm.tensorflow.engine import build_engine
+
+        comm = MPI.COMM_WORLD
+        n_threads = threads()
+        cfg = hvdllm_config(settings, self.world, "tensorflow")
+        self.groups = init_groups(Topology(self.world), comm, 300.0)
+        self.engine = build_engine(cfg, self.groups, threads=n_threads)
+        self.lr = settings["lr"]
+        self.batches = micro_batches(settings, comm.Get_rank())
+        for _ in range(settings["setup_steps"]):
+            self.step()
+        self.info = {"threads": tf.config.threading.get_intra_op_parallelism_threads(),
+                     "num_params": self.engine.num_params}
+        self.ops = {"step": self.step}
+
+    def prepare(self, op: str, args: dict[str, Any]) -> None:
+        pass
+
+    def step(self) -> None:
+        self.engine.train_step(self.batches, self.lr)
+
+    def close(self) -> None:
+        pass
+
+
+class Engine1Side(_EngineSide):
+    world = 1
+
+
+class Engine2Side(_EngineSide):
+    world = 2
+
+    def __init__(self, settings: dict[str, Any]):
+        super().__init__(settings)
+        from hvdllm.tensorflow.data_parallel import allreduce_gradients
+
+        engine = self.engine
+        x, y = (tf.convert_to_tensor(a) for a in self.batches[0])
+        with tf.GradientTape() as tape:
+            loss = engine.model.next_token_loss(x, y, training=True)
+        self.grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, engine.variables)]
+        self._allreduce = tf.function(
+            lambda grads: allreduce_gradients(grads, engine.groups.dp, engine.hvd))
+        # What-if for --diagnose: every gradient in one flat tensor, summed.
+        self.flat = tf.concat([tf.reshape(g, [-1]) for g in self.grads], axis=0)
+        hvd, process_set = engine.hvd, engine.groups.dp.process_set
+        self._allreduce_flat = tf.function(
+            lambda flat: hvd.allreduce(flat, op=hvd.Sum, process_set=process_set))
+        for _ in range(2):  # trace, and let Horovod cache the responses
+            self.sync()
+            self.sync_flat()
+        self.ops["sync"] = self.sync
+        self.ops["sync_flat"] = self.sync_flat
+
+    def sync(self) -> None:
+        """The engine's gradient averaging alone, in a graph of its own.
+
+        ``allreduce_gradients`` is the function the engine's step graph calls
+        after the last micro-batch: one grouped Horovod allreduce (average
+        over the DP process set) of every dense gradient.  Here it runs in a
+        ``tf.function`` holding nothing else, on gradients computed once in
+        advance, so no compute overlaps it; the call returns when the
+        averaged tensors exist.
+        """
+        self._allreduce(self.grads)
+
+    def sync_flat(self) -> None:
+        """Not hvdllm's path: one Horovod Sum over a single flat tensor (``--diagnose`` only)."""
+        self._allreduce_flat(self.flat)
+
+
+class Plain1Side:
+    """A textbook ``tf.function`` training step on the same Keras model and batch."""
+
+    world = 1
+
+    def __init__(self, settings: dict[str, Any]):
+        from hvdllm.tensorflow.models import GPT
+
+        tf.config.threading.set_intra_op_parallelism_threads(threads())
+        keras.utils.set_random_seed(settings["seed"])
+        model = GPT(vocab_size=settings["vocab_size"], seq_len=settings["seq_len"],
+                    n_layer=settings["n_layer"], n_head=settings["n_head"],
+                    d_model=settings["d_model"], dropout=0.0)
+        model.build((None, settings["seq_len"]))
+        optimizer = keras.optimizers.AdamW(learning_rate=settings["lr"],
+                                           weight_decay=settings["weight_decay"],
+                                           beta_1=settings["beta1"], beta_2=settings["beta2"],
+                                           epsilon=settings["eps"])
+        optimizer.build(model.trainable_variables)
+
+        @tf.function
+        def train_step(x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+            with tf.GradientTape() as tape:
+                loss = model.next_token_loss(x, y, training=True)
+            grads = tape.gradient(loss, model.trainable_variables)
+            optimizer.apply_gradients(zip(grads, model.trainable_variables))
+            return loss
+
+        self.train_step = train_step
+        if len(micro_batches(settings, 0)) != 1:
+            raise ValueError("the plain TensorFlow loop takes one batch per step (accum = 1)")
+        self.x, self.y = micro_batches(settings, 0)[0]
+        for _ in range(settings["setup_steps"]):
+            self.step()
+        self.info = {"threads": tf.config.threading.get_intra_op_parallelism_threads()}
+        self.ops = {"step": self.step}
+
+    def prepare(self, op: str, args: dict[str, Any]) -> None:
+        pass
+
+    def step(self) -> None:
+        float(self.train_step(tf.convert_to_tensor(self.x), tf.convert_to_tensor(self.y)))
+
+    def close(self) -> None:
+        pass
+
+
+SIDES = {"engine1": Engine1Side, "plain1": Plain1Side, "engine2": Engine2Side}
