@@ -17,9 +17,10 @@ For each framework it measures, in one run, each hvdllm figure against a peer:
    ``DistributedDataParallel`` on gloo with ``no_sync()`` accumulation, same
    model, micro-batches and threads per rank.  Target: <= 1.0.
 
-``--diagnose`` adds what-if rows without a target, which size the fixes
-suggested for the misses in ``docs/benchmarks.md``: the sync of one flat
-gradient buffer, and hvdllm's step under the ``TUNED_ENV`` settings below.
+``--diagnose`` adds what-if rows without a target, which help explain the
+misses (see ``docs/benchmarks.md``): the sync of one flat gradient buffer
+summed in place, and hvdllm's engine with the Horovod settings of
+``WHAT_IF_ENV`` below instead of hvdllm's defaults.
 ``--quick`` runs a tiny model with few trials, as a smoke test.
 
 How the timing stays fair on a small, shared machine:
@@ -83,9 +84,9 @@ FULL = {"n_layer": 4, "d_model": 256, "n_head": 4, "seq_len": 128, "vocab_size":
 QUICK = dict(FULL, n_layer=2, d_model=64, n_head=4, seq_len=64, micro_batch=4,
              replicas_world1=1, replicas_world2=1, setup_steps=1, trials=4, warmup=1, sync_reps=3)
 
-#: Environment of the "tuned step" what-if of --diagnose: Open MPI yields the CPU
-#: while it waits, and Horovod's background thread coordinates every 5 ms, not 1 ms.
-TUNED_ENV = {"OMPI_MCA_mpi_yield_when_idle": "1", "HOROVOD_CYCLE_TIME": "5"}
+#: Environment of the "1 ms cycle" what-if rows of --diagnose: Horovod's own default
+#: cycle time, where hvdllm sets 5 ms.
+WHAT_IF_ENV = {"HOROVOD_CYCLE_TIME": "1"}
 
 SETUP_TIMEOUT_SEC = 420.0
 TURN_TIMEOUT_SEC = 180.0
@@ -249,6 +250,8 @@ class Comparison:
     args: dict[str, Any] = field(default_factory=dict)
     num_params: int = 0
     threads: dict[str, Any] = field(default_factory=dict)
+    #: Horovod / Open MPI variables hvdllm's side ran with
+    hvdllm_env: dict[str, str] = field(default_factory=dict)
     #: per side, the timed turns' lists of repetition times (seconds), pair by pair
     turns: dict[str, list[list[float]]] = field(default_factory=lambda: {"hvdllm": [], "peer": []})
 
@@ -334,13 +337,17 @@ def plan(framework: str, preset: dict[str, Any], log_dir: Path,
         comps.append(Comparison(fw, "dp=2 step", engine2, "step", [ddp], "step",
                                 "DistributedDataParallel (gloo), no_sync", 1.0))
     if diagnose:
-        comps.append(Comparison(fw, "what-if: flat sync", engine2, "sync_flat", [allreduce],
-                                "allreduce", "raw mpi4py Allreduce", None, reps=sync_reps))
+        other = Job(f"{fw}.engine2.what_if", f"{fw}.engine2", 2, s2, log_dir,
+                    extra_env=WHAT_IF_ENV)
+        jobs.append(other)
+        comps += [
+            Comparison(fw, "what-if: flat sync", engine2, "sync_flat", [allreduce], "allreduce",
+                       "raw mpi4py Allreduce", None, reps=sync_reps),
+            Comparison(fw, "what-if: 1ms cycle sync", [other], "sync", [allreduce], "allreduce",
+                       "raw mpi4py Allreduce", None, reps=sync_reps),
+        ]
         if fw == "torch":
-            tuned = Job("torch.engine2.tuned", "torch.engine2", 2, s2, log_dir,
-                        extra_env=TUNED_ENV)
-            jobs.append(tuned)
-            comps.append(Comparison(fw, "what-if: tuned step", [tuned], "step", [ddp], "step",
+            comps.append(Comparison(fw, "what-if: 1ms cycle step", [other], "step", [ddp], "step",
                                     "DistributedDataParallel (gloo), no_sync", None))
     return jobs, comps
 
@@ -395,6 +402,7 @@ def run_framework(framework: str, preset: dict[str, Any], log_dir: Path, progres
             comp.num_params = num_params
             comp.threads = {"hvdllm": comp.hvdllm_jobs[0].info.get("threads"),
                             "peer": comp.peer_jobs[0].info.get("threads")}
+            comp.hvdllm_env = comp.hvdllm_jobs[0].info.get("env", {})
             if comp.peer_op == "allreduce":
                 comp.args = {"count": num_params}
         turns = preset["warmup"] + preset["trials"]
@@ -429,6 +437,7 @@ def summarize(comp: Comparison) -> dict[str, Any]:
                       else "PASS" if ratio <= comp.target else "MISS"),
            "turns": len(comp.turns["hvdllm"]) // len(comp.pairs), "pairs": len(comp.pairs),
            "samples": len(comp.times("hvdllm")), "threads_per_rank": comp.threads,
+           "hvdllm_env": comp.hvdllm_env,
            "hvdllm_times_ms": [t * 1e3 for t in comp.times("hvdllm")],
            "peer_times_ms": [t * 1e3 for t in comp.times("peer")]}
     if comp.peer_op == "allreduce":
@@ -445,7 +454,7 @@ def spread(times_ms: list[float]) -> str:
 
 
 def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: dict,
-                load: tuple[float, float]) -> None:
+                engine_env: dict[str, dict[str, str]], load: tuple[float, float]) -> None:
     p = preset
     print()
     print(f"hvdllm data-parallel overhead: {os.cpu_count()} CPU cores ({platform.machine()}), "
@@ -457,10 +466,13 @@ def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: 
     print(f"batch: micro-batch {p['micro_batch']} sequences; {p['accum_world1']} micro-batch(es) "
           f"per step at world 1, {p['accum_world2']} per rank per step at dp=2")
     knobs = {k: v for k, v in os.environ.items() if k.startswith(("HOROVOD_", "OMPI_MCA_"))}
-    print("Horovod / MPI settings: " + (", ".join(f"{k}={v}" for k, v in sorted(knobs.items()))
-                                         or "defaults"))
+    print("Horovod / MPI variables set for the run: "
+          + (", ".join(f"{k}={v}" for k, v in sorted(knobs.items())) or "none"))
+    print("hvdllm's engines ran with: " + "; ".join(
+        f"{fw} " + (", ".join(f"{k}={v}" for k, v in env.items()) or "library defaults")
+        for fw, env in engine_env.items()))
     print()
-    head = (f"{'framework':<11}{'measurement':<20}{'threads':>7}{'n':>5}{'hvdllm':>11}{'IQR':>6}"
+    head = (f"{'framework':<11}{'measurement':<24}{'threads':>7}{'n':>5}{'hvdllm':>11}{'IQR':>6}"
             f"{'peer':>11}{'IQR':>6}{'ratio':>8}{'paired':>8}{'target':>8}  result")
     print(head)
     print("-" * len(head))
@@ -468,7 +480,7 @@ def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: 
         th = r["threads_per_rank"]
         threads = str(th["hvdllm"]) if th["hvdllm"] == th["peer"] or th["peer"] is None \
             else f"{th['hvdllm']}/{th['peer']}"
-        print(f"{r['framework']:<11}{r['measurement']:<20}{threads:>7}{r['samples']:>5}"
+        print(f"{r['framework']:<11}{r['measurement']:<24}{threads:>7}{r['samples']:>5}"
               f"{r['hvdllm_ms']:>8.2f} ms{spread(r['hvdllm_times_ms']):>6}"
               f"{r['peer_ms']:>8.2f} ms{spread(r['peer_times_ms']):>6}"
               f"{r['ratio']:>8.3f}{r['paired_ratio']:>8.3f}"
@@ -481,10 +493,11 @@ def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: 
                  if "bytes" in r else "")
         print(f"  {r['framework']} {r['measurement']}: {r['peer']}{extra}")
     if any(r["result"] == "info" for r in rows):
-        print("what-if rows (--diagnose; not hvdllm's code as it stands, no target):")
-        print("  flat sync: one Horovod Sum over a single flat buffer holding every gradient")
-        print("  tuned step: hvdllm's engine with " + " ".join(f"{k}={v}" for k, v in
-                                                           TUNED_ENV.items()))
+        print("what-if rows (--diagnose; not hvdllm as it stands, no target):")
+        print("  flat sync: one in-place Horovod Sum over a single flat buffer of every "
+              "gradient, no copies, no scaling")
+        print("  1ms cycle: hvdllm's engine run with " + " ".join(f"{k}={v}" for k, v in
+                                                              WHAT_IF_ENV.items()))
     print(f"times: medians of n timed samples per side: {p['trials']} turns after "
           f"{p['warmup']} warm-up turns; a turn times each side once, alternating which goes "
           f"first, in each pair of processes ({p['replicas_world1']} launches of each side at "
@@ -521,18 +534,19 @@ def main(argv: list[str] | None = None) -> int:
     log_dir = Path(tempfile.mkdtemp(prefix="hvdllm-bench-"))
     start = time.monotonic()
     load_before = os.getloadavg()[0]
-    rows, num_params = [], {}
+    rows, num_params, engine_env = [], {}, {}
     try:
         for fw in frameworks:
             comps = run_framework(fw, preset, log_dir, progress=True, diagnose=args.diagnose)
             num_params[fw] = comps[0].num_params
+            engine_env[fw] = comps[1].hvdllm_env  # the dp=2 engine
             rows.extend(summarize(c) for c in comps)
     except BenchError as exc:
         print(f"dp_overhead: error: {exc}", file=sys.stderr)
         print(f"dp_overhead: side logs in {log_dir}", file=sys.stderr)
         return 1
     load = (load_before, os.getloadavg()[0])
-    print_table(rows, preset, num_params, load)
+    print_table(rows, preset, num_params, engine_env, load)
     print(f"total time {time.monotonic() - start:.0f}s")
     if args.json:
         Path(args.json).write_text(json.dumps(

@@ -1,9 +1,13 @@
 """Framework-free helpers shared by the sides of ``dp_overhead.py``."""
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
+
+#: Environment variables that tune Horovod and Open MPI, reported by each side.
+TUNING_PREFIXES = ("HOROVOD_", "OMPI_MCA_mpi_", "OMPI_MCA_btl", "OMPI_MCA_coll")
 
 
 def hvdllm_config(settings: dict[str, Any], world: int, framework: str) -> Any:
@@ -34,10 +38,36 @@ def micro_batches(settings: dict[str, Any], rank: int) -> list[tuple[np.ndarray,
     return out
 
 
-def threads() -> int:
-    """This rank's intra-op thread count, by hvdllm's own rule."""
-    from mpi4py import MPI
+def threads(comm: Any = None) -> int:
+    """This rank's intra-op thread count, by hvdllm's own rule.
 
+    Args:
+        comm: the world communicator; ``None`` means mpi4py's ``COMM_WORLD``
+            (what a peer script would use).  hvdllm's sides pass the one
+            from :func:`hvdllm_world`.
+    """
     from hvdllm.common.launch import threads_per_rank
 
-    return threads_per_rank(MPI.COMM_WORLD)
+    if comm is None:
+        from mpi4py import MPI
+
+        comm = MPI.COMM_WORLD
+    return threads_per_rank(comm)
+
+
+def hvdllm_world() -> Any:
+    """The world communicator exactly as ``hvdllm train`` gets it.
+
+    ``hvdllm.common.launch.world_comm`` applies hvdllm's MPI settings
+    before MPI starts, so an hvdllm side must call it before anything
+    imports ``mpi4py.MPI``.
+    """
+    from hvdllm.common.launch import world_comm
+
+    return world_comm()
+
+
+def tuning_env() -> dict[str, str]:
+    """The Horovod and Open MPI tuning variables this process runs with."""
+    return {k: v for k, v in sorted(os.environ.items())
+            if k.startswith(TUNING_PREFIXES) and "STALL" not in k}

@@ -20,7 +20,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from dp_overhead_common import hvdllm_config, micro_batches, threads
+from dp_overhead_common import hvdllm_config, hvdllm_world, micro_batches, threads, tuning_env
 
 
 class _EngineSide:
@@ -29,14 +29,12 @@ class _EngineSide:
     world = 1
 
     def __init__(self, settings: dict[str, Any]):
-        from mpi4py import MPI
-
         from hvdllm.common.topology import Topology
         from hvdllm.tensorflow.distributed import init_groups
         from hvdllm.tensorflow.engine import build_engine
 
-        comm = MPI.COMM_WORLD
-        n_threads = threads()
+        comm = hvdllm_world()  # first use of MPI in this process, as in `hvdllm train`
+        n_threads = threads(comm)
         cfg = hvdllm_config(settings, self.world, "tensorflow")
         self.groups = init_groups(Topology(self.world), comm, 300.0)
         self.engine = build_engine(cfg, self.groups, threads=n_threads)
@@ -45,7 +43,7 @@ class _EngineSide:
         for _ in range(settings["setup_steps"]):
             self.step()
         self.info = {"threads": tf.config.threading.get_intra_op_parallelism_threads(),
-                     "num_params": self.engine.num_params}
+                     "num_params": self.engine.num_params, "env": tuning_env()}
         self.ops = {"step": self.step}
 
     def prepare(self, op: str, args: dict[str, Any]) -> None:

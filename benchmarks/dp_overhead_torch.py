@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dp_overhead_common import hvdllm_config, micro_batches, threads
+from dp_overhead_common import hvdllm_config, hvdllm_world, micro_batches, threads, tuning_env
 
 
 def _plain_model_and_optimizer(settings: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
@@ -46,14 +46,12 @@ class _EngineSide:
     world = 1
 
     def __init__(self, settings: dict[str, Any]):
-        from mpi4py import MPI
-
         from hvdllm.common.topology import Topology
         from hvdllm.torch.distributed import init_groups
         from hvdllm.torch.engine import build_engine
 
-        comm = MPI.COMM_WORLD
-        n_threads = threads()
+        comm = hvdllm_world()  # first use of MPI in this process, as in `hvdllm train`
+        n_threads = threads(comm)
         os.environ.setdefault("OMP_NUM_THREADS", str(n_threads))
         cfg = hvdllm_config(settings, self.world, "torch")
         self.groups = init_groups(Topology(self.world), comm, 300.0)
@@ -62,7 +60,8 @@ class _EngineSide:
         self.batches = micro_batches(settings, comm.Get_rank())
         for _ in range(settings["setup_steps"]):
             self.step()
-        self.info = {"threads": torch.get_num_threads(), "num_params": self.engine.num_params}
+        self.info = {"threads": torch.get_num_threads(), "num_params": self.engine.num_params,
+                     "env": tuning_env()}
         self.ops = {"step": self.step}
 
     def prepare(self, op: str, args: dict[str, Any]) -> None:
