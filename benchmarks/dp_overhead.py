@@ -33,12 +33,11 @@ How the timing stays fair on a small, shared machine:
   A B, ...), so a burst of load from other processes hits both sides alike.
   The first turns of each side are warm-up and are dropped; the figures
   are medians over the remaining trials.
-* Two launches of the very same code differ: by a few percent at world 1
-  (where memory landed, how threads were placed), and by up to a third for
-  a Horovod job at dp=2, whose background threads settle into a faster or
-  a slower pattern for the life of the job.  So each hvdllm side runs in
-  several launches (three at world 1, two at dp=2; at world 1 the peer
-  too), each paired with a peer launch, and the samples are pooled.
+* Two launches of the very same code can differ by a few percent (where
+  their memory landed, how their threads were placed): as much as the
+  world-1 target allows.  So each world-1 side runs in three launches,
+  paired up, and hvdllm's dp=2 side in two (paired with the one peer job
+  in turn); the samples of all launches are pooled.
 * While one side runs, every other side is paused with SIGSTOP.  A paused
   process uses no CPU at all, which matters here: an idle Horovod job keeps
   its background thread polling its peers every cycle, and that would
@@ -82,7 +81,8 @@ FULL = {"n_layer": 4, "d_model": 256, "n_head": 4, "seq_len": 128, "vocab_size":
         "seed": 1234, "setup_steps": 2, "trials": 20, "warmup": 2, "sync_reps": 5}
 #: A tiny model and few trials: a smoke test of the whole machinery.
 QUICK = dict(FULL, n_layer=2, d_model=64, n_head=4, seq_len=64, micro_batch=4,
-             replicas_world1=1, replicas_world2=1, setup_steps=1, trials=4, warmup=1, sync_reps=3)
+             replicas_world1=1, replicas_world2=1, setup_steps=1, trials=4, warmup=1,
+             sync_reps=3)
 
 #: Environment of the "1 ms cycle" what-if rows of --diagnose: Horovod's own default
 #: cycle time, where hvdllm sets 5 ms.
@@ -345,6 +345,8 @@ def plan(framework: str, preset: dict[str, Any], log_dir: Path,
                        "raw mpi4py Allreduce", None, reps=sync_reps),
             Comparison(fw, "what-if: 1ms cycle sync", [other], "sync", [allreduce], "allreduce",
                        "raw mpi4py Allreduce", None, reps=sync_reps),
+            Comparison(fw, "what-if: 1ms cycle flat", [other], "sync_flat", [allreduce],
+                       "allreduce", "raw mpi4py Allreduce", None, reps=sync_reps),
         ]
         if fw == "torch":
             comps.append(Comparison(fw, "what-if: 1ms cycle step", [other], "step", [ddp], "step",
@@ -497,7 +499,8 @@ def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: 
         print("  flat sync: one in-place Horovod Sum over a single flat buffer of every "
               "gradient, no copies, no scaling")
         print("  1ms cycle: hvdllm's engine run with " + " ".join(f"{k}={v}" for k, v in
-                                                              WHAT_IF_ENV.items()))
+                                                              WHAT_IF_ENV.items())
+              + "; '1ms cycle flat' is the flat sync in that job")
     print(f"times: medians of n timed samples per side: {p['trials']} turns after "
           f"{p['warmup']} warm-up turns; a turn times each side once, alternating which goes "
           f"first, in each pair of processes ({p['replicas_world1']} launches of each side at "

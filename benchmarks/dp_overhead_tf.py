@@ -89,8 +89,8 @@ class Engine2Side(_EngineSide):
         """The engine's gradient averaging alone, in a graph of its own.
 
         ``allreduce_gradients`` is the function the engine's step graph calls
-        after the last micro-batch: one grouped Horovod allreduce (average
-        over the DP process set) of every dense gradient.  Here it runs in a
+        after the last micro-batch to average every dense gradient over the
+        DP process set, whatever packing it does.  Here it runs in a
         ``tf.function`` holding nothing else, on gradients computed once in
         advance, so no compute overlaps it; the call returns when the
         averaged tensors exist.
@@ -98,7 +98,11 @@ class Engine2Side(_EngineSide):
         self._allreduce(self.grads)
 
     def sync_flat(self) -> None:
-        """Not hvdllm's path: one Horovod Sum over a single flat tensor (``--diagnose`` only)."""
+        """Not hvdllm's path: one Horovod Sum over a prebuilt flat tensor (``--diagnose``).
+
+        No packing, unpacking or scaling pass; Horovod's TensorFlow op still
+        writes its result into a new tensor.
+        """
         self._allreduce_flat(self.flat)
 
 

@@ -92,21 +92,22 @@ class Engine2Side(_EngineSide):
         """hvdllm's gradient sync of a whole step with no compute left to overlap.
 
         After any ``train_step`` every parameter holds a gradient and no
-        allreduce is in flight.  ``GradientSync.wait()`` then starts the
-        Horovod async allreduce (average over the DP process set) of every
-        gradient that has not been started, under the same tensor names as
-        in training, and waits for all of them: the path the hooks take in
-        training, minus the backward pass.
+        allreduce is in flight.  ``GradientSync.wait()`` then starts every
+        part of the step's gradient allreduce that the backward hooks would
+        have started (here: all of it, under the same Horovod names as in
+        training) and waits for it, including any copies in and out of
+        buffers it makes: the hooks' path in training, minus the backward
+        pass that hides part of it.
         """
         self.engine.sync.wait()
 
     def sync_flat(self) -> None:
         """Not hvdllm's path: one in-place Horovod Sum over a single flat gradient buffer.
 
-        This is what a bucketed design (gradients as views into one
-        contiguous buffer, the 1/dp average folded into the loss scale)
-        would pay: no copies into and out of Horovod's fusion buffer and no
-        separate scaling pass.  Shown by ``--diagnose`` only.
+        This is what gradients living in one contiguous buffer would pay,
+        with the 1/dp average folded into the loss scale: no copies into or
+        out of bucket or fusion buffers and no separate scaling pass.
+        Shown by ``--diagnose`` only.
         """
         hvd = self.engine.sync.hvd
         hvd.synchronize(hvd.allreduce_async_(self.flat, op=hvd.Sum, name="bench.flat_grads",
