@@ -28,7 +28,8 @@ def assert_one_line_error(res, *fragments):
      ["global_batch_size=10 is not divisible", "micro_batch_size=4", "parallel.dp=1"]),
     (["data.path=/definitely/not/here.txt"], ["data.path not found: /definitely/not/here.txt"]),
     (["train.framework=jax"], ["unknown train.framework 'jax'", "torch", "tensorflow"]),
-    (["parallel.tp=2"], ["tensor parallelism is not implemented yet"]),
+    (["parallel.tp=2", "model.n_head=3", "model.d_model=96"],
+     ["model.n_head=3 is not divisible by parallel.tp=2"]),
 ])
 def test_bad_input_is_one_clear_line(overrides, fragments, tmp_path):
     args = ["train", "--set", f"output.dir={tmp_path}"]

@@ -63,9 +63,8 @@ def test_bad_values_name_the_key(overrides, pattern):
 
 
 @pytest.mark.parametrize("overrides, what", [
-    (["parallel.tp=2"], "tensor parallelism"),
     (["parallel.pp=2"], "pipeline parallelism"),
-    (["model.family=llama"], "llama"),
+    (["parallel.tp=2", "train.framework=tensorflow"], "tensor parallelism"),
 ])
 def test_future_features_fail_at_config_time(overrides, what):
     with pytest.raises(NotImplementedYetError, match="not implemented yet") as info:
@@ -93,3 +92,37 @@ def test_config_dataclass_is_independent_per_instance():
     a, b = Config(), Config()
     a.model.n_layer = 9
     assert b.model.n_layer == 2
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["parallel.tp=3", "model.n_head=4", "model.d_model=96"],
+     r"model.n_head=4 is not divisible by parallel.tp=3"),
+    (["parallel.tp=2", "model.family=llama", "model.n_head=4", "model.n_kv_head=1"],
+     r"model.n_kv_head=1 is not divisible by parallel.tp=2"),
+    (["parallel.tp=4", "model.d_ff=90", "model.n_head=4"],
+     r"model.d_ff=90 is not divisible by parallel.tp=4"),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=63"],
+     r"seq_len divisible by parallel.tp, got seq_len=63 and tp=2"),
+    (["parallel.sequence_parallel=true"], r"needs parallel.tp > 1"),
+    (["model.family=llama", "model.n_head=4", "model.n_kv_head=3"],
+     r"model.n_kv_head=3 does not divide model.n_head=4"),
+    (["model.n_kv_head=2"], r"grouped-query attention is a llama feature"),
+    (["model.family=lama"], r"did you mean 'llama'"),
+])
+def test_tensor_parallel_shapes_checked_at_config_time(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config({}, overrides)
+
+
+def test_family_defaults_for_mlp_width_and_kv_heads():
+    gpt = build_config({}, ["model.d_model=96"]).model
+    assert (gpt.ff_width, gpt.kv_heads) == (384, 4)
+    llama = build_config({}, ["model.family=llama", "model.d_model=96",
+                              "model.n_kv_head=2"]).model
+    assert llama.ff_width == 256  # 8/3 * 96 = 256 exactly
+    assert llama.kv_heads == 2
+    assert build_config({}, ["model.family=llama", "model.d_model=104",
+                             "model.n_head=4"]).model.ff_width == 320  # 277.3 -> 320
+    ok = build_config({}, ["parallel.tp=2", "parallel.dp=1", "model.family=llama",
+                           "model.n_kv_head=2", "parallel.sequence_parallel=true"])
+    assert ok.parallel.tp == 2 and ok.parallel.sequence_parallel

@@ -28,8 +28,7 @@ from typing import Any, Iterable, Mapping
 from .errors import ConfigError, NotImplementedYetError
 
 FRAMEWORKS = ("torch", "tensorflow")
-MODEL_FAMILIES = ("gpt",)
-PLANNED_MODEL_FAMILIES = ("llama",)
+MODEL_FAMILIES = ("gpt", "llama")
 
 
 @dataclass
@@ -37,24 +36,60 @@ class ModelConfig:
     """Transformer shape.
 
     Args:
-        family: "gpt" (GPT-2 style). "llama" arrives with tensor parallelism.
+        family: "gpt" (GPT-2: learned positions, LayerNorm, GELU, tied head)
+            or "llama" (RMSNorm, rotary positions, SwiGLU, grouped-query
+            attention, untied head).
         n_layer: number of transformer blocks.
-        n_head: attention heads; must divide d_model.
+        n_head: attention (query) heads; must divide d_model.
+        n_kv_head: key/value heads of grouped-query attention (llama only);
+            must divide n_head.  0 means n_head (plain multi-head attention).
         d_model: residual stream width.
+        d_ff: hidden width of the MLP.  0 picks the family default:
+            4 * d_model for gpt; for llama 8/3 * d_model rounded up to a
+            multiple of 64 (as in LLaMA).
         seq_len: tokens per training sequence (the context length).
         vocab_size: vocabulary size; at least 256 for the byte tokenizer.
         dropout: dropout probability.  Keep 0.0 to compare layouts exactly.
         init_std: standard deviation of the normal weight initialisation.
+        norm_eps: epsilon of LayerNorm (gpt) or RMSNorm (llama).
+        rope_theta: base of the rotary position frequencies (llama only).
+        init_from: "" (random initialisation from train.seed), or
+            "hf:DIR" to load a Hugging Face checkpoint directory
+            (config.json + *.safetensors), or the path of an hvdllm
+            checkpoint written by ``hvdllm convert``.  The checkpoint's
+            shape must match this section.
     """
 
     family: str = "gpt"
     n_layer: int = 2
     n_head: int = 4
+    n_kv_head: int = 0
     d_model: int = 64
+    d_ff: int = 0
     seq_len: int = 64
     vocab_size: int = 256
     dropout: float = 0.0
     init_std: float = 0.02
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_from: str = ""
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads actually used (n_kv_head, or n_head when 0)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def ff_width(self) -> int:
+        """MLP hidden width actually used (d_ff, or the family default)."""
+        return self.d_ff or default_d_ff(self.family, self.d_model)
+
+
+def default_d_ff(family: str, d_model: int) -> int:
+    """The family's default MLP width: 4*d for gpt, 8/3*d rounded up to 64 for llama."""
+    if family == "llama":
+        return 64 * math.ceil(8 * d_model / 3 / 64)
+    return 4 * d_model
 
 
 @dataclass
@@ -63,14 +98,17 @@ class ParallelConfig:
 
     Args:
         dp: data-parallel degree.
-        tp: tensor-parallel degree (only 1 for now).
+        tp: tensor-parallel degree (Megatron-style sharded layers; torch).
         pp: pipeline-parallel degree (only 1 for now).
+        sequence_parallel: with tp > 1, also split the norm and dropout
+            regions along the sequence (needs seq_len divisible by tp).
         timeout_sec: deadline of every blocking hvdllm communication call.
     """
 
     dp: int = 1
     tp: int = 1
     pp: int = 1
+    sequence_parallel: bool = False
     timeout_sec: float = 300.0
 
 
@@ -295,21 +333,38 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"unknown train.framework '{t.framework}'{hint}; choose one of: {', '.join(FRAMEWORKS)}"
         )
-    if m.family in PLANNED_MODEL_FAMILIES:
-        raise NotImplementedYetError(
-            f"model.family '{m.family}' is not implemented yet (it arrives with tensor "
-            f"parallelism); available: {', '.join(MODEL_FAMILIES)}"
-        )
     if m.family not in MODEL_FAMILIES:
+        near = _nearest(m.family, MODEL_FAMILIES)
+        hint = f" (did you mean '{near}'?)" if near else ""
         raise ConfigError(
-            f"unknown model.family '{m.family}'; choose one of: {', '.join(MODEL_FAMILIES)}"
+            f"unknown model.family '{m.family}'{hint}; choose one of: {', '.join(MODEL_FAMILIES)}"
         )
     for name in ("n_layer", "n_head", "d_model", "seq_len", "vocab_size"):
         _positive(f"model.{name}", getattr(m, name))
+    for name in ("n_kv_head", "d_ff"):
+        if getattr(m, name) < 0:
+            raise ConfigError(f"config key 'model.{name}' must be >= 0 (0 = default), "
+                              f"got {getattr(m, name)}")
     if m.d_model % m.n_head:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
         )
+    if m.n_kv_head and m.family != "llama" and m.n_kv_head != m.n_head:
+        raise ConfigError(
+            f"model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama feature; "
+            f"the gpt family uses n_kv_head = n_head = {m.n_head} (or 0)"
+        )
+    if m.n_head % m.kv_heads:
+        raise ConfigError(
+            f"model.n_kv_head={m.kv_heads} does not divide model.n_head={m.n_head}"
+        )
+    if m.family == "llama" and (m.d_model // m.n_head) % 2:
+        raise ConfigError(
+            f"llama needs an even head size for rotary embeddings; d_model={m.d_model} / "
+            f"n_head={m.n_head} = {m.d_model // m.n_head}"
+        )
+    _positive("model.norm_eps", m.norm_eps)
+    _positive("model.rope_theta", m.rope_theta)
     if m.vocab_size < 256:
         raise ConfigError(
             f"model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs >= 256)"
@@ -320,10 +375,7 @@ def validate(cfg: Config) -> None:
     for name in ("dp", "tp", "pp"):
         _positive(f"parallel.{name}", getattr(p, name))
     _positive("parallel.timeout_sec", p.timeout_sec)
-    if p.tp > 1:
-        raise NotImplementedYetError(
-            f"parallel.tp={p.tp}: tensor parallelism is not implemented yet; use parallel.tp=1"
-        )
+    _validate_tensor_parallel(cfg)
     if p.pp > 1:
         raise NotImplementedYetError(
             f"parallel.pp={p.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1"
@@ -345,6 +397,32 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x parallel.dp={p.dp} (= {per_step})"
+        )
+
+
+def _validate_tensor_parallel(cfg: Config) -> None:
+    """Every sharded dimension must split evenly over parallel.tp."""
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel = true needs parallel.tp > 1")
+    if p.tp == 1:
+        return
+    if t.framework != "torch":
+        raise NotImplementedYetError(
+            f"parallel.tp={p.tp} with train.framework='{t.framework}': tensor parallelism "
+            f"is not implemented yet for {t.framework}; use train.framework='torch' or "
+            f"parallel.tp=1"
+        )
+    for key, value in (("n_head", m.n_head), ("n_kv_head", m.kv_heads), ("d_ff", m.ff_width)):
+        if value % p.tp:
+            raise ConfigError(
+                f"model.{key}={value} is not divisible by parallel.tp={p.tp}: tensor "
+                f"parallelism gives each rank an equal share of it"
+            )
+    if p.sequence_parallel and m.seq_len % p.tp:
+        raise ConfigError(
+            f"parallel.sequence_parallel needs model.seq_len divisible by parallel.tp, got "
+            f"seq_len={m.seq_len} and tp={p.tp}"
         )
 
 

@@ -1,4 +1,4 @@
-"""The PyTorch training engine: model, AdamW and data-parallel gradient sync."""
+"""The PyTorch training engine: model, tensor parallelism, AdamW and data-parallel sync."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -10,16 +10,20 @@ from ..common.config import Config
 from ..common.topology import ParallelGroups
 from .data_parallel import GradientSync, broadcast_module
 from .distributed import import_horovod
-from .models import GPT, GPTConfig
+from .models import GPT, CausalLM, GPTConfig, Llama, LlamaConfig
+from .tensor_parallel import TensorParallelGroup, parallelize, replicated_parameters
 
 
-def build_model(cfg: Config) -> GPT:
-    """The reference model for ``cfg.model``, initialised from ``train.seed``."""
+def build_model(cfg: Config) -> CausalLM:
+    """The full (unsharded) reference model for ``cfg.model``, initialised from ``train.seed``."""
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
-    return GPT(GPTConfig(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
-                         n_head=m.n_head, d_model=m.d_model, dropout=m.dropout,
-                         init_std=m.init_std))
+    common = dict(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
+                  n_head=m.n_head, d_model=m.d_model, d_ff=m.ff_width, dropout=m.dropout,
+                  init_std=m.init_std, norm_eps=m.norm_eps)
+    if m.family == "llama":
+        return Llama(LlamaConfig(n_kv_head=m.kv_heads, rope_theta=m.rope_theta, **common))
+    return GPT(GPTConfig(**common))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -33,11 +37,16 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
 
 
 class TorchEngine:
-    """Data-parallel GPT training step on CPU tensors.
+    """One rank's training step: TP-sharded model, DP gradient sync, AdamW.
 
-    Gradient accumulation: each micro-batch's loss is scaled by
-    1/accum_steps and back-propagated; only the last micro-batch's backward
-    starts the (overlapped) DP allreduce, so accumulation costs no traffic.
+    Every rank builds the full model from ``train.seed``; with tp > 1 each
+    rank then keeps its slices of it (:func:`parallelize`), so any tp starts
+    from the weights of tp=1.  Gradient accumulation: each micro-batch's
+    loss is scaled by 1/accum_steps and back-propagated; only the last
+    micro-batch's backward starts the (overlapped) DP allreduce, so
+    accumulation costs no DP traffic.  Under sequence parallelism the
+    replicated parameters (norms, biases, positions) saw only part of the
+    sequence on each rank, so their gradients are summed over TP.
     """
 
     def __init__(self, cfg: Config, groups: ParallelGroups):
@@ -45,10 +54,14 @@ class TorchEngine:
         self.groups = groups
         hvd = import_horovod()
         self.model = build_model(cfg)
+        self.num_params = sum(p.numel() for p in self.model.parameters())
+        self.tp = TensorParallelGroup(groups.tp, cfg.parallel.sequence_parallel, hvd=hvd)
+        parallelize(self.model, self.tp)
+        self._tp_replicated = (replicated_parameters(self.model)
+                               if self.tp.sequence_parallel else [])
         broadcast_module(self.model, groups.dp, hvd)
         self.optimizer = build_optimizer(self.model, cfg)
         self.sync = GradientSync(self.model.named_parameters(), groups.dp, hvd)
-        self.num_params = sum(p.numel() for p in self.model.parameters())
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
@@ -67,6 +80,7 @@ class TorchEngine:
                 (loss / n).backward()
             total += loss.item()
         self.sync.wait()
+        self.tp.all_reduce_grads(self._tp_replicated)
         self.optimizer.step()
         return total / n
 
@@ -74,9 +88,11 @@ class TorchEngine:
         self.model.eval()
         gen = torch.Generator().manual_seed(seed)
         idx = torch.from_numpy(np.asarray(prompt, np.int64))[None, :]
-        return self.model.generate(idx, max_new_tokens, generator=gen)[0].numpy()
+        with self.tp.sequence_parallel_off():  # generation lengths need not divide by tp
+            return self.model.generate(idx, max_new_tokens, generator=gen)[0].numpy()
 
     def parameter_checksum(self) -> float:
+        """Sum of this rank's parameters (its shards under tensor parallelism)."""
         with torch.no_grad():
             return float(sum(p.double().sum() for p in self.model.parameters()))
 

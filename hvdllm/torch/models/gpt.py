@@ -1,10 +1,12 @@
 """A GPT-2 style language model in plain PyTorch.
 
-Learned positions, pre-LayerNorm blocks, GELU MLP and an output head tied to
-the token embedding.  No parallel code lives here: data, tensor and pipeline
-parallelism are applied from outside.  Blocks sit in a ModuleDict keyed by
-layer index so that a pipeline stage can keep only its own layers while
-parameter names stay stable.
+Learned positions, pre-LayerNorm blocks, a tanh-GELU MLP (GPT-2's
+"gelu_new") and an output head tied to the token embedding.  No parallel
+code lives here: data, tensor and pipeline parallelism are applied from
+outside.  Blocks sit in a ModuleDict keyed by layer index so that a
+pipeline stage can keep only its own layers while parameter names stay
+stable.  Attention reads its local head count off the tensor shapes, so a
+tensor-parallel shard of ``qkv`` (a slice of the heads) runs the same code.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import CausalLM, LMCrossEntropy
+
 
 @dataclass
 class GPTConfig:
@@ -23,44 +27,51 @@ class GPTConfig:
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 64
+    d_ff: int = 0  # 0 = 4 * d_model
     dropout: float = 0.0
     init_std: float = 0.02
+    norm_eps: float = 1e-5
+
+    @property
+    def ff_width(self) -> int:
+        return self.d_ff or 4 * self.d_model
 
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.n_head = cfg.n_head
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.head_dim = cfg.d_model // cfg.n_head
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)  # rows: all q, all k, all v
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.dropout = cfg.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, t, c = x.shape
-        q, k, v = self.qkv(x).split(c, dim=2)
-        # (b, t, c) -> (b, heads, t, head_dim)
-        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        qkv = self.qkv(x)
+        b, t, _ = qkv.shape  # t is the whole sequence even when x holds a part of it
+        q, k, v = qkv.chunk(3, dim=-1)
+        # (b, t, heads * head_dim) -> (b, heads, t, head_dim)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
-        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.fc = nn.Linear(cfg.d_model, 4 * cfg.d_model)
-        self.proj = nn.Linear(4 * cfg.d_model, cfg.d_model)
+        self.fc = nn.Linear(cfg.d_model, cfg.ff_width)
+        self.proj = nn.Linear(cfg.ff_width, cfg.d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(F.gelu(self.fc(x)))
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.ln_1 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = CausalSelfAttention(cfg)
-        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -69,15 +80,19 @@ class Block(nn.Module):
         return x + self.drop(self.mlp(self.ln_2(x)))
 
 
-class GPT(nn.Module):
+class GPT(CausalLM):
     def __init__(self, cfg: GPTConfig):
         super().__init__()
         self.cfg = cfg
+        self.max_seq_len = cfg.seq_len
         self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layer)})
-        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.criterion = LMCrossEntropy(cfg.vocab_size)
         self.apply(self._init_weights)
         # GPT-2: scale the residual projections by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
@@ -91,28 +106,12 @@ class GPT(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (b, t) -> logits (b, t, vocab); the head is tied to ``wte``."""
-        b, t = idx.shape
+        """Token ids (b, t) -> logits (b, t, vocab)."""
+        t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds seq_len {self.cfg.seq_len}")
         pos = torch.arange(t, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         for block in self.blocks.values():
             x = block(x)
-        return F.linear(self.ln_f(x), self.wte.weight)
-
-    def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = self(idx)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1))
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 0.8,
-                 top_k: int | None = 40, generator: torch.Generator | None = None) -> torch.Tensor:
-        for _ in range(max_new_tokens):
-            logits = self(idx[:, -self.cfg.seq_len:])[:, -1, :] / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
-            idx = torch.cat([idx, nxt], dim=1)
-        return idx
+        return self.lm_head(self.ln_f(x))
