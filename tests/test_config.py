@@ -63,7 +63,7 @@ def test_bad_values_name_the_key(overrides, pattern):
 
 
 @pytest.mark.parametrize("overrides, what", [
-    (["parallel.pp=2"], "pipeline parallelism"),
+    (["parallel.pp=2", "train.framework=tensorflow"], "pipeline parallelism"),
     (["parallel.tp=2", "train.framework=tensorflow"], "tensor parallelism"),
 ])
 def test_future_features_fail_at_config_time(overrides, what):
@@ -126,3 +126,17 @@ def test_family_defaults_for_mlp_width_and_kv_heads():
     ok = build_config({}, ["parallel.tp=2", "parallel.dp=1", "model.family=llama",
                            "model.n_kv_head=2", "parallel.sequence_parallel=true"])
     assert ok.parallel.tp == 2 and ok.parallel.sequence_parallel
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["parallel.pp=3", "model.n_layer=2"], r"parallel.pp=3 is greater than model.n_layer=2"),
+    (["parallel.pp=2", "model.n_layer=8", "parallel.schedule=interleaved",
+      "parallel.virtual_stages=3"], r"virtual_stages=3 must divide the layers per stage"),
+    (["parallel.virtual_stages=2", "model.n_layer=4"], r"needs parallel.schedule = 'interleaved'"),
+    (["parallel.schedule=1f1c"], r"unknown parallel.schedule '1f1c' \(did you mean '1f1b'\?\)"),
+    (["parallel.partition=even"], r"unknown parallel.partition 'even'"),
+    (["parallel.recompute=some"], r"unknown parallel.recompute 'some'"),
+])
+def test_pipeline_layout_checked_at_config_time(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config({}, overrides)

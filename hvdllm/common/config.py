@@ -29,6 +29,9 @@ from .errors import ConfigError, NotImplementedYetError
 
 FRAMEWORKS = ("torch", "tensorflow")
 MODEL_FAMILIES = ("gpt", "llama")
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
+PARTITIONS = ("uniform", "parameters", "balanced")
+RECOMPUTE = ("none", "full")
 
 
 @dataclass
@@ -99,9 +102,18 @@ class ParallelConfig:
     Args:
         dp: data-parallel degree.
         tp: tensor-parallel degree (Megatron-style sharded layers; torch).
-        pp: pipeline-parallel degree (only 1 for now).
+        pp: pipeline-parallel degree: the layers are cut into pp stages
+            that exchange activations and gradients point-to-point.
         sequence_parallel: with tp > 1, also split the norm and dropout
             regions along the sequence (needs seq_len divisible by tp).
+        schedule: pipeline schedule: "gpipe", "1f1b" or "interleaved".
+        virtual_stages: model chunks per pipeline rank ("interleaved" only;
+            must divide the layers per stage).
+        partition: how layers are split into stages: "uniform" (by count),
+            "parameters" (balance parameter counts) or "balanced" (balance
+            forward+backward time measured briefly at start-up).
+        recompute: "none", or "full" to recompute each stage's layers in
+            backward instead of keeping their activations.
         timeout_sec: deadline of every blocking hvdllm communication call.
     """
 
@@ -109,6 +121,10 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     sequence_parallel: bool = False
+    schedule: str = "1f1b"
+    virtual_stages: int = 1
+    partition: str = "uniform"
+    recompute: str = "none"
     timeout_sec: float = 300.0
 
 
@@ -376,10 +392,7 @@ def validate(cfg: Config) -> None:
         _positive(f"parallel.{name}", getattr(p, name))
     _positive("parallel.timeout_sec", p.timeout_sec)
     _validate_tensor_parallel(cfg)
-    if p.pp > 1:
-        raise NotImplementedYetError(
-            f"parallel.pp={p.pp}: pipeline parallelism is not implemented yet; use parallel.pp=1"
-        )
+    _validate_pipeline(cfg)
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.lr", t.lr)
@@ -398,6 +411,40 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x parallel.dp={p.dp} (= {per_step})"
         )
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        near = _nearest(value, choices)
+        hint = f" (did you mean '{near}'?)" if near else ""
+        raise ConfigError(f"unknown {name} '{value}'{hint}; choose one of: {', '.join(choices)}")
+
+
+def _validate_pipeline(cfg: Config) -> None:
+    """Stage and chunk counts must fit the layers; names must be known."""
+    m, p = cfg.model, cfg.parallel
+    _choice("parallel.schedule", p.schedule, PIPELINE_SCHEDULES)
+    _choice("parallel.partition", p.partition, PARTITIONS)
+    _choice("parallel.recompute", p.recompute, RECOMPUTE)
+    _positive("parallel.virtual_stages", p.virtual_stages)
+    if p.pp > m.n_layer:
+        raise ConfigError(
+            f"parallel.pp={p.pp} is greater than model.n_layer={m.n_layer}: every pipeline "
+            f"stage needs at least one layer")
+    if p.virtual_stages > 1:
+        if p.schedule != "interleaved":
+            raise ConfigError(
+                f"parallel.virtual_stages={p.virtual_stages} needs parallel.schedule = "
+                f"'interleaved' (got '{p.schedule}')")
+        if m.n_layer % p.pp or (m.n_layer // p.pp) % p.virtual_stages:
+            raise ConfigError(
+                f"parallel.virtual_stages={p.virtual_stages} must divide the layers per stage: "
+                f"model.n_layer={m.n_layer} / parallel.pp={p.pp} = {m.n_layer / p.pp:g}")
+    if p.pp > 1 and cfg.train.framework != "torch":
+        raise NotImplementedYetError(
+            f"parallel.pp={p.pp} with train.framework='{cfg.train.framework}': pipeline "
+            f"parallelism is not implemented yet for {cfg.train.framework}; use "
+            f"train.framework='torch' or parallel.pp=1")
 
 
 def _validate_tensor_parallel(cfg: Config) -> None:

@@ -34,7 +34,12 @@ class LMCrossEntropy(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Loss and sampling on top of a subclass's ``forward(idx) -> logits``."""
+    """Loss and sampling on top of a subclass's ``forward(idx) -> logits``.
+
+    Subclasses split ``forward`` into ``embed(idx) -> x``,
+    ``run_block(key, x) -> x`` for each key of ``self.blocks`` and
+    ``head(x) -> logits``, the pieces a pipeline stage may own.
+    """
 
     criterion: LMCrossEntropy
     max_seq_len: int

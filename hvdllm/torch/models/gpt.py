@@ -105,13 +105,25 @@ class GPT(CausalLM):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (b, t) -> logits (b, t, vocab)."""
+    # The three pieces a pipeline stage may own; forward() chains them.
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (b, t) -> residual stream (b, t, d)."""
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds seq_len {self.cfg.seq_len}")
         pos = torch.arange(t, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
-        for block in self.blocks.values():
-            x = block(x)
+        return self.drop(self.wte(idx) + self.wpe(pos))
+
+    def run_block(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[key](x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream -> logits (b, t, vocab)."""
         return self.lm_head(self.ln_f(x))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (b, t) -> logits (b, t, vocab)."""
+        x = self.embed(idx)
+        for key in self.blocks:
+            x = self.run_block(key, x)
+        return self.head(x)

@@ -143,12 +143,24 @@ class Llama(CausalLM):
                     std /= math.sqrt(2 * cfg.n_layer)  # residual projections, as in GPT-2
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (b, t) -> logits (b, t, vocab)."""
+    # The three pieces a pipeline stage may own; forward() chains them.
+    def embed(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (b, t) -> residual stream (b, t, d)."""
         t = idx.shape[1]
         if t > self.cfg.seq_len:
             raise ValueError(f"sequence of {t} tokens exceeds seq_len {self.cfg.seq_len}")
-        x = self.drop(self.tok_emb(idx))
-        for block in self.blocks.values():
-            x = block(x, self.rope_cos, self.rope_sin)
+        return self.drop(self.tok_emb(idx))
+
+    def run_block(self, key: str, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[key](x, self.rope_cos, self.rope_sin)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream -> logits (b, t, vocab)."""
         return self.lm_head(self.norm(x))
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (b, t) -> logits (b, t, vocab)."""
+        x = self.embed(idx)
+        for key in self.blocks:
+            x = self.run_block(key, x)
+        return self.head(x)
