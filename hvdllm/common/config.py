@@ -180,9 +180,14 @@ class OutputConfig:
 
     Args:
         dir: output directory (created if missing).
+        checkpoint: at the end of training, write the full model to
+            ``dir/checkpoint`` in hvdllm's format (torch; convert it with
+            ``hvdllm convert --to-hf``, or start from it with
+            ``model.init_from``).
     """
 
     dir: str = "runs/example"
+    checkpoint: bool = True
 
 
 @dataclass

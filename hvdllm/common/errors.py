@@ -22,6 +22,10 @@ class DataError(HvdllmError):
     """The training data is missing, unreadable or too short."""
 
 
+class CheckpointError(HvdllmError):
+    """A checkpoint is missing, unreadable, or does not fit its model config."""
+
+
 class EnvironmentSetupError(HvdllmError):
     """A required dependency (Horovod, MPI, a framework) is missing or broken."""
 

@@ -11,19 +11,31 @@ from ..common.topology import ParallelGroups
 from .data_parallel import GradientSync, broadcast_module
 from .distributed import import_horovod
 from .models import GPT, CausalLM, GPTConfig, Llama, LlamaConfig
-from .tensor_parallel import TensorParallelGroup, parallelize, replicated_parameters
+from .tensor_parallel import (TensorParallelGroup, full_state_dict, parallelize,
+                              replicated_parameters)
 
 
 def build_model(cfg: Config) -> CausalLM:
-    """The full (unsharded) reference model for ``cfg.model``, initialised from ``train.seed``."""
+    """The full (unsharded) reference model for ``cfg.model``.
+
+    Initialised from ``train.seed``, or loaded from ``model.init_from`` (a
+    Hugging Face directory as "hf:DIR", or an hvdllm checkpoint).
+    """
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
     common = dict(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
                   n_head=m.n_head, d_model=m.d_model, d_ff=m.ff_width, dropout=m.dropout,
                   init_std=m.init_std, norm_eps=m.norm_eps)
     if m.family == "llama":
-        return Llama(LlamaConfig(n_kv_head=m.kv_heads, rope_theta=m.rope_theta, **common))
-    return GPT(GPTConfig(**common))
+        model: CausalLM = Llama(LlamaConfig(n_kv_head=m.kv_heads, rope_theta=m.rope_theta,
+                                            **common))
+    else:
+        model = GPT(GPTConfig(**common))
+    if m.init_from:
+        from .hf import init_from
+
+        init_from(model, m.init_from, m)  # the full weights; parallelize() slices them later
+    return model
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.AdamW:
@@ -90,6 +102,13 @@ class TorchEngine:
         idx = torch.from_numpy(np.asarray(prompt, np.int64))[None, :]
         with self.tp.sequence_parallel_off():  # generation lengths need not divide by tp
             return self.model.generate(idx, max_new_tokens, generator=gen)[0].numpy()
+
+    def full_state(self) -> dict[str, np.ndarray]:
+        """The full (unsharded) parameters as float32 numpy arrays, by name.
+
+        Collective over the TP group; the checkpoint writer uses it.
+        """
+        return {name: t.float().cpu().numpy() for name, t in full_state_dict(self.model).items()}
 
     def parameter_checksum(self) -> float:
         """Sum of this rank's parameters (its shards under tensor parallelism)."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import importlib
 import os
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -68,6 +70,22 @@ def _load_adapter(framework: str) -> Any:
     return engine_mod, dist_mod
 
 
+def write_final_checkpoint(path: Path, cfg: Config, state: dict[str, np.ndarray]) -> Path:
+    """Write ``state`` to ``path``, replacing a previous run's checkpoint only once complete."""
+    from ..common.checkpoint import save_checkpoint
+
+    staging = path.with_name(f".{path.name}.new")
+    retired = path.with_name(f".{path.name}.old")
+    for leftover in (staging, retired):
+        shutil.rmtree(leftover, ignore_errors=True)
+    save_checkpoint(staging, cfg.model, state)
+    if path.exists():
+        os.replace(path, retired)
+    os.replace(staging, path)
+    shutil.rmtree(retired, ignore_errors=True)
+    return path
+
+
 def train(cfg: Config) -> TrainSummary:
     """Run ``hvdllm train`` for an already validated config."""
     comm = world_comm()
@@ -101,6 +119,12 @@ def train(cfg: Config) -> TrainSummary:
         summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0)
     finally:
         writer.close()
+    if cfg.output.checkpoint and hasattr(engine, "full_state"):
+        state = engine.full_state()  # collective: every rank takes part
+        if rank == 0:
+            path = write_final_checkpoint(Path(cfg.output.dir) / "checkpoint", cfg, state)
+            print(f"hvdllm: checkpoint in {path} (hvdllm convert --to-hf {path} --out DIR)",
+                  flush=True)
     if rank == 0:
         losses = summary.losses
         print(f"hvdllm: done {summary.steps} steps in {summary.elapsed_sec:.1f}s; loss "

@@ -19,7 +19,8 @@ from hvdllm.torch.distributed import import_horovod
 from hvdllm.torch.models import GPT, GPTConfig, Llama, LlamaConfig
 from hvdllm.torch.tensor_parallel import (
     ColumnParallelLinear, RowParallelLinear, TensorParallelGroup, VocabParallelCrossEntropy,
-    VocabParallelEmbedding, VocabParallelLMHead, copy_to_region, gather_from_region,
+    VocabParallelEmbedding, VocabParallelLMHead, copy_to_region, full_state_dict,
+    gather_from_region,
     gather_from_sequence, padded_vocab_size, parallelize, reduce_from_region,
     reduce_scatter_to_sequence, replicated_parameters, scatter_to_region, scatter_to_sequence)
 
@@ -235,6 +236,10 @@ for family in ("gpt", "llama"):
                 else:
                     g = part(g, 1)
             close(f"{tag} grad {name}", p.grad, g)
+        full = full_state_dict(sharded)
+        for name, p in dense.named_parameters():
+            close(f"{tag} full_state_dict {name}", full[name], p)
+        assert set(full) == {n for n, _ in dense.named_parameters()}
         with tp.sequence_parallel_off():
             out = sharded.generate(idx[:1, :3], 4, generator=torch.Generator().manual_seed(1))
         ref = dense.generate(idx[:1, :3], 4, generator=torch.Generator().manual_seed(1))

@@ -11,12 +11,14 @@ from .layers import (ColumnParallelLinear, RowParallelLinear, SequenceParallelPo
 from .mappings import (TensorParallelGroup, copy_to_region, gather_from_region,
                        gather_from_sequence, reduce_from_region, reduce_scatter_to_sequence,
                        scatter_to_region, scatter_to_sequence)
-from .parallelize import GPT_PLAN, LLAMA_PLAN, parallelize, replicated_parameters
+from .parallelize import (GPT_PLAN, LLAMA_PLAN, full_state_dict, full_tensor, parallelize,
+                          replicated_parameters)
 
 __all__ = [
     "ColumnParallelLinear", "GPT_PLAN", "LLAMA_PLAN", "RowParallelLinear",
     "SequenceParallelPositionEmbedding", "TensorParallelGroup", "VocabParallelCrossEntropy",
-    "VocabParallelEmbedding", "VocabParallelLMHead", "copy_to_region", "gather_from_region",
+    "VocabParallelEmbedding", "VocabParallelLMHead", "copy_to_region", "full_state_dict",
+    "full_tensor", "gather_from_region",
     "gather_from_sequence", "padded_vocab_size", "parallelize", "reduce_from_region",
     "reduce_scatter_to_sequence", "replicated_parameters", "scatter_to_region",
     "scatter_to_sequence",

@@ -25,8 +25,20 @@ from .mappings import (TensorParallelGroup, copy_to_region, gather_from_region,
                        scatter_to_region)
 
 
-def mark_sharded(p: nn.Parameter) -> nn.Parameter:
+def mark_sharded(p: nn.Parameter, dim: int, parts: int = 1,
+                 full_rows: int | None = None) -> nn.Parameter:
+    """Tag ``p`` as this rank's shard along ``dim``.
+
+    ``parts`` > 1: the dim is a concatenation of that many fused blocks,
+    each split separately.  ``full_rows``: the unpadded size of ``dim``
+    (vocabulary rows), when the full tensor was padded before splitting.
+    :func:`hvdllm.torch.tensor_parallel.full_state_dict` uses the tags to
+    reassemble full tensors.
+    """
     p.hvdllm_tp_sharded = True
+    p.hvdllm_tp_dim = dim
+    p.hvdllm_tp_parts = parts
+    p.hvdllm_tp_full_rows = full_rows
     return p
 
 
@@ -55,22 +67,26 @@ class ColumnParallelLinear(nn.Module):
         tp: the tensor-parallel group.
         gather_output: allgather y so every rank holds all columns; otherwise
             y stays split along its last dim (the input of a row-parallel layer).
+        parts: the full rows are this many fused blocks (3 for q, k, v),
+            each split separately (see :func:`shard_rows`).
+        full_rows: unpadded number of full rows, if they were padded.
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallelGroup,
-                 gather_output: bool = False):
+                 gather_output: bool = False, parts: int = 1, full_rows: int | None = None):
         super().__init__()
         self.tp = tp
         self.gather_output = gather_output
-        self.weight = mark_sharded(nn.Parameter(weight.detach().clone()))
-        self.bias = None if bias is None else mark_sharded(nn.Parameter(bias.detach().clone()))
+        self.weight = mark_sharded(nn.Parameter(weight.detach().clone()), 0, parts, full_rows)
+        self.bias = None if bias is None else mark_sharded(
+            nn.Parameter(bias.detach().clone()), 0, parts, full_rows)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, tp: TensorParallelGroup, parts: int = 1,
                    gather_output: bool = False) -> "ColumnParallelLinear":
         """Slice a full ``nn.Linear`` (``parts`` fused blocks of output rows)."""
         bias = None if linear.bias is None else shard_rows(linear.bias, tp, parts)
-        return cls(shard_rows(linear.weight, tp, parts), bias, tp, gather_output)
+        return cls(shard_rows(linear.weight, tp, parts), bias, tp, gather_output, parts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.sequence_parallel:
@@ -101,7 +117,7 @@ class RowParallelLinear(nn.Module):
         super().__init__()
         self.tp = tp
         self.input_is_parallel = input_is_parallel
-        self.weight = mark_sharded(nn.Parameter(weight.detach().clone()))
+        self.weight = mark_sharded(nn.Parameter(weight.detach().clone()), 1)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone())
 
     @classmethod
@@ -137,19 +153,21 @@ class VocabParallelEmbedding(nn.Module):
         tp: the tensor-parallel group.
     """
 
-    def __init__(self, weight: torch.Tensor, vocab_start: int, tp: TensorParallelGroup):
+    def __init__(self, weight: torch.Tensor, vocab_start: int, tp: TensorParallelGroup,
+                 vocab_size: int | None = None):
         super().__init__()
         self.tp = tp
         self.vocab_start = vocab_start
         self.vocab_end = vocab_start + weight.size(0)
-        self.weight = mark_sharded(nn.Parameter(weight.detach().clone()))
+        self.weight = mark_sharded(nn.Parameter(weight.detach().clone()), 0,
+                                   full_rows=vocab_size)
 
     @classmethod
     def from_dense(cls, embedding: nn.Embedding, tp: TensorParallelGroup
                    ) -> "VocabParallelEmbedding":
         full = pad_rows(embedding.weight, padded_vocab_size(embedding.num_embeddings, tp.size))
         per_rank = full.size(0) // tp.size
-        return cls(tp.local_part(full, 0), tp.rank * per_rank, tp)
+        return cls(tp.local_part(full, 0), tp.rank * per_rank, tp, embedding.num_embeddings)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         outside = (idx < self.vocab_start) | (idx >= self.vocab_end)
@@ -206,7 +224,8 @@ class VocabParallelLMHead(ColumnParallelLinear):
     def from_dense(cls, linear: nn.Linear, tp: TensorParallelGroup, parts: int = 1,
                    gather_output: bool = False) -> "VocabParallelLMHead":
         full = pad_rows(linear.weight, padded_vocab_size(linear.out_features, tp.size))
-        return cls(tp.local_part(full, 0), None, tp, gather_output=False)
+        return cls(tp.local_part(full, 0), None, tp, gather_output=False,
+                   full_rows=linear.out_features)
 
 
 class _VocabParallelCrossEntropy(torch.autograd.Function):

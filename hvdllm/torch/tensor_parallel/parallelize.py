@@ -13,6 +13,7 @@ from __future__ import annotations
 import fnmatch
 from typing import Callable
 
+import torch
 import torch.nn as nn
 
 from ..models import GPT, CausalLM, Llama
@@ -120,3 +121,31 @@ def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
     """Parameters every TP rank holds in full (norms, row-parallel biases, positions)."""
     return [p for p in model.parameters()
             if p.requires_grad and not getattr(p, "hvdllm_tp_sharded", False)]
+
+
+def full_tensor(p: torch.Tensor, tp: TensorParallelGroup) -> torch.Tensor:
+    """The full tensor of a TP shard (every rank gets it); replicated tensors pass through."""
+    if not getattr(p, "hvdllm_tp_sharded", False) or tp.size == 1:
+        return p.detach()
+    dim, parts = p.hvdllm_tp_dim, p.hvdllm_tp_parts
+    gathered = tp.all_gather(p.detach().contiguous(), dim)
+    if parts > 1:  # [q0 k0 v0 q1 k1 v1] -> [q0 q1 k0 k1 v0 v1]
+        pieces = [piece.chunk(parts, dim=dim) for piece in gathered.chunk(tp.size, dim=dim)]
+        gathered = torch.cat([pieces[r][i] for i in range(parts) for r in range(tp.size)],
+                             dim=dim)
+    if p.hvdllm_tp_full_rows is not None:
+        gathered = gathered.narrow(dim, 0, p.hvdllm_tp_full_rows)
+    return gathered
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter of a (possibly TP-sharded) model as a full tensor, by name.
+
+    Collective over the model's TP group: every rank of it must call.  Tied
+    parameters appear once, under their first name.
+    """
+    tp = getattr(model, "tensor_parallel", None)
+    out = {}
+    for name, p in model.named_parameters():
+        out[name] = full_tensor(p, tp) if tp is not None else p.detach()
+    return out
