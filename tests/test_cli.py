@@ -30,6 +30,13 @@ def assert_one_line_error(res, *fragments):
     (["train.framework=jax"], ["unknown train.framework 'jax'", "torch", "tensorflow"]),
     (["parallel.tp=2", "model.n_head=3", "model.d_model=96"],
      ["model.n_head=3 is not divisible by parallel.tp=2"]),
+    (["parallel.tp=2", "parallel.dp=2"], ["dp=2 x tp=2 x pp=1 = 4", "world size 1"]),
+    (["parallel.tp=2", "model.family=llama", "model.n_kv_head=1", "model.n_head=4"],
+     ["model.n_kv_head=1 is not divisible by parallel.tp=2"]),
+    (["parallel.tp=4", "model.d_ff=90", "model.n_head=4"],
+     ["model.d_ff=90 is not divisible by parallel.tp=4"]),
+    (["parallel.tp=2", "parallel.sequence_parallel=true", "model.seq_len=63"],
+     ["seq_len divisible by parallel.tp", "seq_len=63"]),
 ])
 def test_bad_input_is_one_clear_line(overrides, fragments, tmp_path):
     args = ["train", "--set", f"output.dir={tmp_path}"]

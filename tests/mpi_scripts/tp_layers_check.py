@@ -246,4 +246,21 @@ for family in ("gpt", "llama"):
         assert torch.equal(out, ref), (out, ref)
         tp.sequence_parallel = False
 
+# -- collective count: LLaMA's q, k, v (and gate, up) share one input collective
+torch.manual_seed(5)
+n_layer = 3
+model = parallelize(Llama(LlamaConfig(vocab_size=64, seq_len=8, n_layer=n_layer, n_head=2 * size,
+                                      n_kv_head=size, d_model=8 * size)), tp)
+calls = []
+real_all_reduce = tp.all_reduce
+tp.all_reduce = lambda t, op="sum": calls.append(op) or real_all_reduce(t, op)
+idx = torch.randint(0, 64, (2, 8), generator=gen)
+model.loss(idx, idx).backward()
+tp.all_reduce = real_all_reduce
+# forward: embedding, (wo, w_down) per layer, loss max and sums; backward:
+# (q|k|v, gate|up) per layer, and the head's input.
+expected = 1 + 2 * n_layer + 2 + 2 * n_layer + 1
+assert len(calls) == expected, (len(calls), expected)
+checks += 1
+
 print(f"rank {rank}: tp layer checks passed ({checks} comparisons, {backend})", flush=True)

@@ -20,9 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .mappings import (TensorParallelGroup, copy_to_region, gather_from_region,
-                       gather_from_sequence, reduce_from_region, reduce_scatter_to_sequence,
-                       scatter_to_region)
+from .mappings import (TensorParallelGroup, gather_from_region, reduce_from_region,
+                       reduce_scatter_to_sequence, scatter_to_region)
 
 
 def mark_sharded(p: nn.Parameter, dim: int, parts: int = 1,
@@ -70,29 +69,34 @@ class ColumnParallelLinear(nn.Module):
         parts: the full rows are this many fused blocks (3 for q, k, v),
             each split separately (see :func:`shard_rows`).
         full_rows: unpadded number of full rows, if they were padded.
+        shared_input: the layer is one of several consecutive layers fed the
+            same tensor; they share one input collective
+            (:meth:`TensorParallelGroup.enter_column_region`).
     """
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, tp: TensorParallelGroup,
-                 gather_output: bool = False, parts: int = 1, full_rows: int | None = None):
+                 gather_output: bool = False, parts: int = 1, full_rows: int | None = None,
+                 shared_input: bool = False):
         super().__init__()
         self.tp = tp
         self.gather_output = gather_output
+        self.shared_input = shared_input
         self.weight = mark_sharded(nn.Parameter(weight.detach().clone()), 0, parts, full_rows)
         self.bias = None if bias is None else mark_sharded(
             nn.Parameter(bias.detach().clone()), 0, parts, full_rows)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, tp: TensorParallelGroup, parts: int = 1,
-                   gather_output: bool = False) -> "ColumnParallelLinear":
+                   gather_output: bool = False, shared_input: bool = False
+                   ) -> "ColumnParallelLinear":
         """Slice a full ``nn.Linear`` (``parts`` fused blocks of output rows)."""
         bias = None if linear.bias is None else shard_rows(linear.bias, tp, parts)
-        return cls(shard_rows(linear.weight, tp, parts), bias, tp, gather_output, parts)
+        return cls(shard_rows(linear.weight, tp, parts), bias, tp, gather_output, parts,
+                   shared_input=shared_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp.sequence_parallel:
-            x = gather_from_sequence(x, self.tp)  # (b, t/tp, in) -> (b, t, in)
-        else:
-            x = copy_to_region(x, self.tp)
+        # (b, t/tp, in) under sequence parallelism, else (b, t, in) -> (b, t, in)
+        x = self.tp.enter_column_region(x, shared=self.shared_input)
         y = F.linear(x, self.weight, self.bias)  # (b, t, out/tp)
         return gather_from_region(y, self.tp) if self.gather_output else y
 

@@ -31,6 +31,7 @@ The sequence dimension is dim 1 of (batch, seq, features) activations.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Iterator
 
 import torch
@@ -62,6 +63,7 @@ class TensorParallelGroup:
         self.backend = backend
         self.hvd = hvd
         self._calls = 0
+        self._entered: tuple | None = None
 
     @property
     def size(self) -> int:
@@ -79,6 +81,28 @@ class TensorParallelGroup:
             yield
         finally:
             self.sequence_parallel = saved
+
+    def enter_column_region(self, x: torch.Tensor, shared: bool = False) -> torch.Tensor:
+        """``x`` made ready for a column-parallel matmul.
+
+        The whole sequence (allgather) under sequence parallelism, else an
+        identity whose backward allreduces.  ``shared=True`` reuses the result
+        for consecutive layers fed the very same tensor (LLaMA's q, k, v and
+        gate, up), so they cost one collective each way instead of one per
+        layer: their input gradients add up before the single reduction.
+        """
+        if shared and self._entered is not None:
+            ref, version, sp, grad_mode, entered = self._entered
+            if (ref() is x and version == x._version and sp == self.sequence_parallel
+                    and grad_mode == torch.is_grad_enabled()):
+                return entered
+        if self.sequence_parallel:
+            entered = gather_from_sequence(x, self)
+        else:
+            entered = copy_to_region(x, self)
+        self._entered = ((weakref.ref(x), x._version, self.sequence_parallel,
+                          torch.is_grad_enabled(), entered) if shared else None)
+        return entered
 
     # -- transport ---------------------------------------------------------
     def _use_mpi(self, t: torch.Tensor) -> bool:

@@ -24,9 +24,14 @@ from .mappings import TensorParallelGroup
 Style = Callable[[nn.Module, TensorParallelGroup], nn.Module]
 
 
-def colwise(parts: int = 1) -> Style:
-    """Split output rows (``parts`` fused blocks, e.g. 3 for q, k, v)."""
-    return lambda m, tp: ColumnParallelLinear.from_dense(m, tp, parts=parts)
+def colwise(parts: int = 1, shared_input: bool = False) -> Style:
+    """Split output rows (``parts`` fused blocks, e.g. 3 for q, k, v).
+
+    ``shared_input``: consecutive layers fed the same tensor share one input
+    collective each way.
+    """
+    return lambda m, tp: ColumnParallelLinear.from_dense(m, tp, parts=parts,
+                                                         shared_input=shared_input)
 
 
 def rowwise(m: nn.Module, tp: TensorParallelGroup) -> nn.Module:
@@ -58,12 +63,12 @@ GPT_PLAN: dict[str, Style] = {
 
 LLAMA_PLAN: dict[str, Style] = {
     "tok_emb": vocab_embedding,
-    "blocks.*.attn.wq": colwise(),
-    "blocks.*.attn.wk": colwise(),
-    "blocks.*.attn.wv": colwise(),
+    "blocks.*.attn.wq": colwise(shared_input=True),
+    "blocks.*.attn.wk": colwise(shared_input=True),
+    "blocks.*.attn.wv": colwise(shared_input=True),
     "blocks.*.attn.wo": rowwise,
-    "blocks.*.mlp.w_gate": colwise(),
-    "blocks.*.mlp.w_up": colwise(),
+    "blocks.*.mlp.w_gate": colwise(shared_input=True),
+    "blocks.*.mlp.w_up": colwise(shared_input=True),
     "blocks.*.mlp.w_down": rowwise,
     "lm_head": vocab_head,
 }
