@@ -140,3 +140,24 @@ def test_family_defaults_for_mlp_width_and_kv_heads():
 def test_pipeline_layout_checked_at_config_time(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
         build_config({}, overrides)
+
+
+@pytest.mark.parametrize("overrides, pattern", [
+    (["train.compression=gzip"], r"train.compression = 'gzip' is not one of"),
+    (["train.compression=topk", "train.topk_ratio=0"], r"topk_ratio"),
+    (["train.compression=topk", "train.topk_ratio=1.5"], r"topk_ratio"),
+    (["train.compression=powersgd", "train.powersgd_rank=0"], r"powersgd_rank"),
+    (["train.zero=1", "train.optimizer=sgd"], r"ZeRO-1 .* not 'sgd'"),
+    (["train.zero=2"], r"train.zero must be 0 \(off\) or 1"),
+    (["train.precision=fp8"], r"train.precision = 'fp8' is not one of"),
+    (["train.grad_clip=-1"], r"train.grad_clip must be >= 0"),
+    (["train.optimizer=adam_w"], r"unknown train.optimizer 'adam_w' \(did you mean 'adamw'\?\)"),
+])
+def test_data_parallel_depth_settings_checked_at_config_time(overrides, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        build_config({}, overrides)
+
+
+def test_torch_only_training_features_are_refused_for_tensorflow():
+    with pytest.raises(NotImplementedYetError, match="train.zero=1"):
+        build_config({}, ["train.framework=tensorflow", "train.zero=1"])

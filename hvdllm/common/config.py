@@ -32,6 +32,7 @@ MODEL_FAMILIES = ("gpt", "llama")
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 PARTITIONS = ("uniform", "parameters", "balanced")
 RECOMPUTE = ("none", "full")
+OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -145,6 +146,20 @@ class TrainConfig:
         seed: seed of the weight initialisation and the data order.
         log_every: write a metrics line every this many steps.
         sample_tokens: bytes of text to generate at the end (0 = none).
+        optimizer: "adamw", or "sgd" (with ``momentum``; weight decay as L2).
+        momentum: SGD momentum.
+        compression: gradient compression on the data-parallel wire: "none",
+            "fp16", "bf16" (16-bit on the wire), "topk" (largest
+            ``topk_ratio`` fraction, error feedback) or "powersgd"
+            (rank ``powersgd_rank``, error feedback, warm start).  torch.
+        topk_ratio: fraction of gradient entries "topk" sends, in (0, 1].
+        powersgd_rank: rank of the PowerSGD approximation, >= 1.
+        zero: 1 shards AdamW state and fp32 master weights over the DP
+            group (ZeRO stage 1); 0 keeps them replicated.  torch.
+        precision: "fp32", "bf16" (autocast, fp32 master weights) or "fp16"
+            (autocast with dynamic loss scaling agreed by all ranks).  torch.
+        grad_clip: clip the global gradient norm (over dp x tp x pp) to this
+            value; 0 = off.  torch.
     """
 
     framework: str = "torch"
@@ -160,6 +175,14 @@ class TrainConfig:
     seed: int = 1234
     log_every: int = 1
     sample_tokens: int = 0
+    optimizer: str = "adamw"
+    momentum: float = 0.9
+    compression: str = "none"
+    topk_ratio: float = 0.01
+    powersgd_rank: int = 4
+    zero: int = 0
+    precision: str = "fp32"
+    grad_clip: float = 0.0
 
 
 @dataclass
@@ -398,6 +421,7 @@ def validate(cfg: Config) -> None:
     _positive("parallel.timeout_sec", p.timeout_sec)
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg)
+    _validate_data_parallel_depth(cfg)
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.lr", t.lr)
@@ -423,6 +447,31 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         near = _nearest(value, choices)
         hint = f" (did you mean '{near}'?)" if near else ""
         raise ConfigError(f"unknown {name} '{value}'{hint}; choose one of: {', '.join(choices)}")
+
+
+def _validate_data_parallel_depth(cfg: Config) -> None:
+    """Optimizer, compression, ZeRO, precision and clipping settings."""
+    from .compression import check_compression
+    from .loss_scale import check_precision
+    from .zero import check_zero
+
+    t = cfg.train
+    _choice("train.optimizer", t.optimizer, OPTIMIZERS)
+    if not 0.0 <= t.momentum < 1.0:
+        raise ConfigError(f"train.momentum must be in [0, 1), got {t.momentum}")
+    check_compression(t.compression, t.topk_ratio, t.powersgd_rank)
+    check_precision(t.precision)
+    check_zero(t.zero, t.compression, t.optimizer)
+    if not t.grad_clip >= 0:
+        raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    if t.framework != "torch":
+        changed = [f"train.{k}={getattr(t, k)!r}" for k, default in
+                   (("optimizer", "adamw"), ("compression", "none"), ("zero", 0),
+                    ("precision", "fp32"), ("grad_clip", 0.0)) if getattr(t, k) != default]
+        if changed:
+            raise NotImplementedYetError(
+                f"{', '.join(changed)} with train.framework='{t.framework}': not implemented "
+                f"yet for {t.framework}; use train.framework='torch'")
 
 
 def _validate_pipeline(cfg: Config) -> None:
