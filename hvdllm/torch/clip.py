@@ -35,6 +35,8 @@ import torch
 from ..common.comm import Group
 
 TP_SHARDED_ATTR = "hvdllm_tp_sharded"
+# The last pipeline stage's copy of a tied embedding: counted on the first stage only.
+PP_DUPLICATE_ATTR = "hvdllm_pp_duplicate"
 
 
 def combine_squared_norms(tp_sharded_sq: float, replicated_sq: float, tp_group: Group | None,
@@ -68,7 +70,7 @@ def global_grad_norm(parameters: Iterable[torch.nn.Parameter], tp_group: Group |
     """
     sums = [0.0, 0.0]  # [tp-sharded, replicated]
     for p in parameters:
-        if p.grad is not None:
+        if p.grad is not None and not getattr(p, PP_DUPLICATE_ATTR, False):
             sharded = bool(getattr(p, TP_SHARDED_ATTR, False))
             sums[0 if sharded else 1] += float(p.grad.detach().double().pow(2).sum())
     return math.sqrt(combine_squared_norms(sums[0], sums[1], tp_group, pp_group))

@@ -40,7 +40,7 @@ import torch
 from ..common.comm import Group
 from ..common.errors import ConfigError
 from ..common.zero import build_flat_layout, check_zero_optimizer
-from .clip import TP_SHARDED_ATTR, combine_squared_norms
+from .clip import PP_DUPLICATE_ATTR, TP_SHARDED_ATTR, combine_squared_norms
 
 __all__ = ["ZeroAdamW", "zero_optimizer_from", "check_zero_optimizer"]
 
@@ -131,6 +131,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         shard = self.reduce_gradients()
         sums = [0.0, 0.0]  # [tp-sharded, replicated]
         for piece in self.layout.shard_slices(self.group.rank):
+            if getattr(self._params[piece.index], PP_DUPLICATE_ATTR, False):
+                continue
             sharded = bool(getattr(self._params[piece.index], TP_SHARDED_ATTR, False))
             values = shard[piece.shard_start:piece.shard_start + piece.numel]
             sums[0 if sharded else 1] += float(values.double().pow(2).sum())

@@ -58,6 +58,9 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
             tokens_per_sec = tokens_per_step * window_steps / max(now - window_start, 1e-9)
             record = {"step": step, "loss": loss, "lr": lr, "tokens_per_sec": tokens_per_sec,
                       "elapsed_sec": now - start, "epoch": sampler.epoch}
+            # Engine extras: comm_bytes (DP gradient bytes this rank sent in the
+            # step), grad_norm with clipping, loss_scale and skipped with fp16.
+            record.update(getattr(engine, "last_step_info", {}))
             writer.log(record)
             summary.losses.append(loss)
             progress.update(step, loss=loss, tok_s=int(tokens_per_sec))

@@ -113,6 +113,8 @@ def train(cfg: Config) -> TrainSummary:
               f"{topology.pp}; {cfg.grad_accum_steps} accumulation step(s) of "
               f"{cfg.train.micro_batch_size} sequences; corpus {len(windows.tokens):,} tokens",
               flush=True)
+        if getattr(engine, "pipeline_summary", None):
+            print(f"hvdllm: {engine.pipeline_summary}", flush=True)
     if os.environ.get("HVDLLM_VERBOSE"):
         print(f"hvdllm: {describe(topology, rank)}", flush=True)
     try:

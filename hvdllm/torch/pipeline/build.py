@@ -1,0 +1,128 @@
+"""Apply pipeline parallelism to a model from outside: choose a split, cut, build the executor.
+
+Order in the engine: build the full model, :func:`plan_split` (which may
+measure the dense model), apply tensor parallelism, then
+:func:`build_pipeline` cuts this rank's stage out of the (sharded) model.
+"""
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from ...common.config import Config
+from ...common.partition import LayerCosts, describe_split, split_layers
+from ...common.topology import ParallelGroups
+from ..models import CausalLM
+from ..tensor_parallel import TensorParallelGroup
+from .executor import PipelineExecutor
+from .p2p import TensorSpec
+from .profile import profile_layer_costs
+from .stage import cut_stage, parameter_costs, tied_embedding
+
+
+@dataclass(frozen=True)
+class PipelineSplit:
+    """The layers of each global chunk, and what they were balanced on.
+
+    Attributes:
+        method: the ``parallel.partition`` used.
+        sizes: layers per global chunk, in model order.
+        costs: per-piece costs the split was balanced on (None for "uniform").
+    """
+
+    method: str
+    sizes: tuple[int, ...]
+    costs: LayerCosts | None = None
+
+    def describe(self, num_stages: int) -> str:
+        return describe_split(self.method, self.sizes, num_stages, self.costs)
+
+
+def plan_split(model: CausalLM, cfg: Config, groups: ParallelGroups) -> PipelineSplit:
+    """The split every rank will cut (collective over the world for "balanced").
+
+    "balanced" measures the model on world rank 0 and broadcasts the costs,
+    so that timing noise cannot give two ranks different splits.
+
+    Args:
+        model: the full dense model, before tensor parallelism.
+        cfg: the run's config.
+        groups: this rank's groups (the world group is used).
+    """
+    p, t = cfg.parallel, cfg.train
+    costs = None
+    if p.partition == "parameters":
+        costs = parameter_costs(model)
+    elif p.partition == "balanced":
+        if groups.world.rank == 0:
+            costs = profile_layer_costs(model, t.micro_batch_size, cfg.model.seq_len)
+        costs = groups.world.broadcast_object(costs, root=0)
+    sizes = split_layers(p.partition, p.pp * p.virtual_stages, len(model.blocks), costs)
+    return PipelineSplit(p.partition, sizes, costs)
+
+
+def build_pipeline(model: CausalLM, split: PipelineSplit, cfg: Config, groups: ParallelGroups,
+                   tp: TensorParallelGroup) -> PipelineExecutor:
+    """Cut this rank's stage out of ``model`` (in place) and return its executor.
+
+    Collective over the pipeline group (the stages agree on message shapes).
+    The step's schedule is built here too, so a micro-batch count it cannot
+    run fails at start-up, and a too small one is warned about then.
+
+    Args:
+        model: the full model, already tensor-parallel if tp > 1.
+        split: from :func:`plan_split`, the same on every rank.
+        cfg: the run's config.
+        groups: this rank's groups; ``groups.pp`` carries the stage traffic.
+        tp: the tensor-parallel group (its sequence parallelism shortens
+            the activations each rank sends).
+    """
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    stage = groups.pp.rank
+    tied = tied_embedding(model)
+    chunks = cut_stage(model, split.sizes, stage, p.pp)
+    tied_weight = None
+    if tied and any(c.first for c in chunks):
+        tied_weight = model.wte.weight
+    elif tied and any(c.last for c in chunks):
+        tied_weight = model.lm_head.weight
+        # The first stage's copy is the one gradient-norm clipping counts.
+        tied_weight.hvdllm_pp_duplicate = True
+    seq = m.seq_len // tp.size if tp.sequence_parallel else m.seq_len
+    dtype = next(model.parameters()).dtype
+    spec = TensorSpec(dtype, (t.micro_batch_size, seq, m.d_model))
+    executor = PipelineExecutor(model, chunks, groups.pp, spec, schedule=p.schedule,
+                                virtual_stages=p.virtual_stages,
+                                recompute=p.recompute == "full", tied_weight=tied_weight,
+                                verbose=groups.rank == 0)
+    executor.plan(cfg.grad_accum_steps)
+    return executor
+
+
+def gather_pipeline_state(state: dict[str, np.ndarray], executor: PipelineExecutor,
+                          names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Every stage's parameters, merged on the first stage in the full model's order.
+
+    Collective over the pipeline group.  Other stages get their own
+    ``state`` back.  The last stage's copy of a tied head weight is left
+    out: the full model names it once, as the embedding.
+
+    Args:
+        state: this stage's parameters by name (full tensors, TP gathered).
+        executor: this stage's executor (its group carries the transfer).
+        names: parameter names of the full model, in order.
+    """
+    group = executor.group
+    if group.rank != 0:
+        group.send(np.frombuffer(pickle.dumps(state), np.uint8), 0, tag=group.rank)
+        return state
+    merged = dict(state)
+    for stage in range(1, group.size):
+        merged.update(pickle.loads(group.recv(stage, tag=stage).tobytes()))
+    missing = [name for name in names if name not in merged]
+    if missing:
+        raise RuntimeError(f"pipeline stages hold no parameter named {missing}")
+    return {name: merged[name] for name in names}
