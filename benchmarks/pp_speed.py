@@ -42,15 +42,12 @@ WORKER = HERE / "pp_speed_worker.py"
 
 def run_side(name: str, settings: dict, timeout: float) -> dict:
     """Launch one side; return the JSON its rank 0 prints."""
-    kind, np_, threads = name.split("_")[0], 1, 1
-    if name == "single_2threads":
-        threads = 2
-    if kind in ("hvdllm", "torch", "memory"):
-        np_ = 2
-    side = {"single": "single", "hvdllm": "hvdllm", "torch": "torch", "memory": "memory"}[kind]
-    if kind == "hvdllm":
+    side = name.split("_")[0]  # single, hvdllm, torch or memory
+    threads = 2 if name == "single_2threads" else 1
+    np_ = 1 if side == "single" else 2
+    if side == "hvdllm":
         schedule = name.split("_")[-1]
-        settings = dict(settings, schedule="interleaved" if schedule == "interleaved" else schedule,
+        settings = dict(settings, schedule=schedule,
                         virtual_stages=2 if schedule == "interleaved" else 1)
     cmd = [sys.executable, str(WORKER), side, json.dumps(dict(settings, threads=threads))]
     if np_ > 1:

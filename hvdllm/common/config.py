@@ -494,6 +494,15 @@ def _validate_pipeline(cfg: Config) -> None:
             raise ConfigError(
                 f"parallel.virtual_stages={p.virtual_stages} must divide the layers per stage: "
                 f"model.n_layer={m.n_layer} / parallel.pp={p.pp} = {m.n_layer / p.pp:g}")
+    t = cfg.train
+    per_step = t.micro_batch_size * p.dp
+    if p.virtual_stages > 1 and t.global_batch_size % per_step == 0:
+        micro = t.global_batch_size // per_step
+        if micro % p.pp:
+            raise ConfigError(
+                f"the interleaved schedule needs the micro-batches per step to divide by "
+                f"parallel.pp: global_batch_size={t.global_batch_size} / (micro_batch_size="
+                f"{t.micro_batch_size} x dp={p.dp}) = {micro} micro-batches, pp={p.pp}")
     if p.pp > 1 and cfg.train.framework != "torch":
         raise NotImplementedYetError(
             f"parallel.pp={p.pp} with train.framework='{cfg.train.framework}': pipeline "
