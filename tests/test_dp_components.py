@@ -336,3 +336,27 @@ def test_mixed_precision_on_one_rank():
         assert plain.update(True) is True
     with pytest.raises(ConfigError):
         MixedPrecision("fp8", None)
+
+
+def test_compression_warmup():
+    """topk sends 25% shrinking to its ratio; powersgd averages uncompressed at first."""
+    from hvdllm.torch.compression import make_compressor
+
+    gen = torch.Generator().manual_seed(2)
+    comp = make_compressor("topk", SOLO, None, topk_ratio=0.01, warmup_steps=4)
+    sent = []
+    for _ in range(6):
+        out = torch.randn(100, 100, generator=gen)
+        comp.reduce_([out], ["w"])
+        sent.append(int((out != 0).sum()))
+    assert sent[0] == 2500 and sent[4] == sent[5] == 100
+    assert all(a > b for a, b in zip(sent[:5], sent[1:5]))
+    comp = make_compressor("powersgd", SOLO, None, powersgd_rank=2, warmup_steps=2)
+    for step in range(3):
+        g = torch.randn(30, 20, generator=gen)
+        out = g.clone()
+        comp.reduce_([out], ["w"])
+        if step < 2:
+            assert torch.equal(out, g) and "w" not in comp.errors
+        else:
+            assert int(torch.linalg.matrix_rank(out)) <= 2 and "w" in comp.errors

@@ -153,6 +153,10 @@ class TrainConfig:
             ``topk_ratio`` fraction, error feedback) or "powersgd"
             (rank ``powersgd_rank``, error feedback, warm start).  torch.
         topk_ratio: fraction of gradient entries "topk" sends, in (0, 1].
+        compression_warmup_steps: warm-up of "topk" (starts sending 25% of
+            the entries and shrinks to ``topk_ratio`` over this many steps)
+            and "powersgd" (averages uncompressed for this many steps);
+            0 = none.
         powersgd_rank: rank of the PowerSGD approximation, >= 1.
         zero: 1 shards AdamW state and fp32 master weights over the DP
             group (ZeRO stage 1); 0 keeps them replicated.  torch.
@@ -179,6 +183,7 @@ class TrainConfig:
     momentum: float = 0.9
     compression: str = "none"
     topk_ratio: float = 0.01
+    compression_warmup_steps: int = 0
     powersgd_rank: int = 4
     zero: int = 0
     precision: str = "fp32"
@@ -460,6 +465,8 @@ def _validate_data_parallel_depth(cfg: Config) -> None:
     if not 0.0 <= t.momentum < 1.0:
         raise ConfigError(f"train.momentum must be in [0, 1), got {t.momentum}")
     check_compression(t.compression, t.topk_ratio, t.powersgd_rank)
+    if t.compression_warmup_steps < 0:
+        raise ConfigError(f"train.compression_warmup_steps must be >= 0, got {t.compression_warmup_steps}")
     check_precision(t.precision)
     check_zero(t.zero, t.compression, t.optimizer)
     if not t.grad_clip >= 0:

@@ -221,22 +221,40 @@ class TopKCompressor(GradientCompressor):
     residual`` exactly, and nothing a rank computed is ever dropped, only
     delayed.
 
+    With ``warmup_steps`` the fraction sent starts at 25% and shrinks
+    geometrically to ``ratio`` over that many steps (the sparsity warm-up of
+    Deep Gradient Compression, Lin et al. 2018): early gradients change
+    fastest, and a residual built from them would otherwise lag for long.
+
     Args:
         group: the data-parallel group.
         hvd: the ``horovod.torch`` module.
         ratio: fraction of entries sent, in (0, 1].
+        warmup_steps: steps of the sparsity warm-up (0 = none).
     """
 
     mode = "topk"
 
-    def __init__(self, group: Group, hvd: Any, ratio: float = DEFAULT_TOPK_RATIO):
+    def __init__(self, group: Group, hvd: Any, ratio: float = DEFAULT_TOPK_RATIO,
+                 warmup_steps: int = 0):
         super().__init__(group, hvd)
         check_compression("topk", topk_ratio=ratio)
         self.ratio = float(ratio)
+        self.warmup_steps = int(warmup_steps)
+        self.steps = 0
         self.residuals: dict[str, torch.Tensor] = {}
+
+    def current_ratio(self) -> float:
+        """The fraction sent at this step (``ratio`` once the warm-up is over)."""
+        start = max(self.ratio, 0.25)
+        if self.steps >= self.warmup_steps:
+            return self.ratio
+        return start * (self.ratio / start) ** (self.steps / self.warmup_steps)
 
     def _reduce(self, tensors: list[torch.Tensor], names: list[str]) -> None:
         world = self._world
+        ratio = self.current_ratio()
+        self.steps += 1
         pending = []
         for t, name in zip(tensors, names):
             acc = t.reshape(-1).float().clone()
@@ -246,7 +264,7 @@ class TopKCompressor(GradientCompressor):
                     raise ValueError(f"top-k: gradient {name!r} changed size from "
                                      f"{residual.numel()} to {acc.numel()}")
                 acc += residual
-            k = topk_count(acc.numel(), self.ratio)
+            k = topk_count(acc.numel(), ratio)
             index = torch.topk(acc.abs(), k, sorted=False).indices
             values = acc[index]
             acc[index] = 0.0
@@ -285,24 +303,37 @@ class PowerSGDCompressor(GradientCompressor):
     are averaged uncompressed in one grouped allreduce.  If a rank's
     requested rank exceeds a matrix's smaller side, the smaller side is used.
 
+    With ``warmup_steps``, the first that many steps average uncompressed
+    (as ``start_powerSGD_iter`` does in PyTorch's PowerSGD hook): the
+    gradients of the first steps change too fast for a low-rank
+    approximation with a warm-started ``Q`` to follow.
+
     Args:
         group: the data-parallel group.
         hvd: the ``horovod.torch`` module.
         rank: requested approximation rank (>= 1).
         seed: seed of the initial ``Q`` (same on every rank).
+        warmup_steps: uncompressed steps before PowerSGD starts (0 = none).
     """
 
     mode = "powersgd"
 
-    def __init__(self, group: Group, hvd: Any, rank: int = DEFAULT_POWERSGD_RANK, seed: int = 0):
+    def __init__(self, group: Group, hvd: Any, rank: int = DEFAULT_POWERSGD_RANK, seed: int = 0,
+                 warmup_steps: int = 0):
         super().__init__(group, hvd)
         check_compression("powersgd", powersgd_rank=rank)
         self.rank = rank
         self.seed = seed
+        self.warmup_steps = int(warmup_steps)
+        self.steps = 0
         self.errors: dict[str, torch.Tensor] = {}
         self.qs: dict[str, torch.Tensor] = {}
 
     def _reduce(self, tensors: list[torch.Tensor], names: list[str]) -> None:
+        self.steps += 1
+        if self.steps <= self.warmup_steps:
+            super()._reduce(tensors, names)
+            return
         dense = [t for t in tensors if not powersgd_compresses(t.shape, self.rank)]
         dense_handle = self._allreduce_mean(dense, "dense") if dense else None
         work = []
@@ -336,7 +367,7 @@ class PowerSGDCompressor(GradientCompressor):
 
 def make_compressor(mode: str, group: Group, hvd: Any, *, topk_ratio: float = DEFAULT_TOPK_RATIO,
                     powersgd_rank: int = DEFAULT_POWERSGD_RANK, seed: int = 0,
-                    device: str = "cpu") -> GradientCompressor:
+                    device: str = "cpu", warmup_steps: int = 0) -> GradientCompressor:
     """The compressor for ``train.compression = mode``.
 
     Args:
@@ -347,12 +378,13 @@ def make_compressor(mode: str, group: Group, hvd: Any, *, topk_ratio: float = DE
         powersgd_rank: ``train.powersgd_rank``.
         seed: seed of PowerSGD's initial ``Q`` (use ``train.seed``).
         device: device of the gradients.
+        warmup_steps: ``train.compression_warmup_steps``.
     """
     check_compression(mode, topk_ratio, powersgd_rank)
     if mode in HALF_DTYPES:
         return HalfPrecisionCompressor(group, hvd, mode, device)
     if mode == "topk":
-        return TopKCompressor(group, hvd, topk_ratio)
+        return TopKCompressor(group, hvd, topk_ratio, warmup_steps)
     if mode == "powersgd":
-        return PowerSGDCompressor(group, hvd, powersgd_rank, seed)
+        return PowerSGDCompressor(group, hvd, powersgd_rank, seed, warmup_steps)
     return GradientCompressor(group, hvd)

@@ -89,7 +89,8 @@ class GradientUpdate:
             else:
                 self.compressor = make_compressor(t.compression, groups.dp, hvd,
                                                   topk_ratio=t.topk_ratio,
-                                                  powersgd_rank=t.powersgd_rank, seed=t.seed)
+                                                  powersgd_rank=t.powersgd_rank, seed=t.seed,
+                                                  warmup_steps=t.compression_warmup_steps)
         # ZeRO's reduce-scatter plus allgather move what one allreduce moves.
         self._dense_bytes = sum(wire_bytes("none", p.shape, groups.dp.size)
                                 for _, p in self.named_params)
