@@ -164,3 +164,11 @@ def test_data_parallel_depth_settings_checked_at_config_time(overrides, pattern)
 def test_torch_only_training_features_are_refused_for_tensorflow():
     with pytest.raises(NotImplementedYetError, match="train.zero=1"):
         build_config({}, ["train.framework=tensorflow", "train.zero=1"])
+
+
+@pytest.mark.parametrize("override", ["model.family=llama", "model.d_ff=100",
+                                      "model.init_from=hf:somewhere", "model.norm_eps=1e-6"])
+def test_torch_only_model_features_are_refused_for_tensorflow(override):
+    with pytest.raises(NotImplementedYetError, match=override.split("=")[0]):
+        build_config({}, ["train.framework=tensorflow", override])
+    build_config({}, ["train.framework=tensorflow", "model.d_ff=256"])  # 4 * d_model is fine
