@@ -71,7 +71,10 @@ def horovod_missing(framework: str, exc: BaseException) -> EnvironmentSetupError
     )
 
 
-def configure_horovod_env(timeout_sec: float) -> None:
+IDLE_CYCLE_TIME_MS = "50"
+
+
+def configure_horovod_env(timeout_sec: float, data_parallel: bool = True) -> None:
     """Horovod settings hvdllm relies on; values the user exported win.
 
     * Deadlines: Horovod's coordinator notices when some ranks submitted a
@@ -80,11 +83,13 @@ def configure_horovod_env(timeout_sec: float) -> None:
       stopped participating into an error instead of an endless wait.
     * Cycle time 5 ms (Horovod's default is 1 ms): the background thread
       wakes less often, which on a node whose cores all compute costs less
-      than the extra latency (measured in docs/benchmarks.md).
+      than the extra latency (measured in docs/benchmarks.md).  Without
+      data parallelism (``data_parallel=False``, dp = 1) Horovod carries no
+      gradients at all, and its thread wakes every 50 ms instead.
 
     Must run before ``hvd.init()``.
     """
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", "5")
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", "5" if data_parallel else IDLE_CYCLE_TIME_MS)
     deadline = max(1, int(timeout_sec))
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, deadline)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(deadline))
@@ -109,7 +114,7 @@ def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) 
     """
     from .topology import build_groups
 
-    configure_horovod_env(timeout_sec)
+    configure_horovod_env(timeout_sec, data_parallel=topology.dp > 1)
     psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in topology.process_set_ranks()}
     hvd.init(comm=comm, process_sets=list(psets.values()))
     if hvd.size() != comm.Get_size() or hvd.rank() != comm.Get_rank():
