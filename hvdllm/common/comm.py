@@ -21,6 +21,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from . import watchdog
 from .errors import CommError, CommTimeoutError
 
 _MAX_DIMS = 8
@@ -42,16 +43,68 @@ def _describe(dtype: Any, shape: Sequence[int]) -> str:
     return f"{np.dtype(dtype).name}[{','.join(str(int(s)) for s in shape)}]"
 
 
+def wait_requests(requests: list, what: str, deadline: float, *, op: str = "",
+                  group: "Group | None" = None, peers: Sequence[int] | None = None,
+                  nbytes: int = 0) -> None:
+    """Poll MPI ``requests`` to completion with a short back-off, until ``deadline``.
+
+    The wait is an event of the flight record (:mod:`hvdllm.common.watchdog`);
+    past the deadline the running watchdog reports the hang and ends the
+    job, or, without one, :class:`CommTimeoutError` (``what``) is raised.
+
+    Args:
+        requests: mpi4py requests.
+        what: the full description for the error message.
+        deadline: ``time.monotonic()`` value.
+        op: short, rank-independent name of the operation (``what`` if empty).
+        group: the group waited on (its kind and ranks are recorded).
+        peers: global ranks waited for, when only some of the group's.
+        nbytes: payload bytes, for the record.
+    """
+    MPI = _mpi()
+    wd = watchdog.current()
+    event = wd.begin(op or what, group.kind if group is not None else "world",
+                     group.ranks if group is not None else (), peers, nbytes)
+    try:
+        pause = 1e-6
+        while not MPI.Request.Testall(requests):
+            if time.monotonic() > deadline:
+                for req in requests:
+                    try:
+                        req.Cancel()
+                    except Exception:  # collectives cannot be cancelled
+                        pass
+                message = f"{what} timed out"
+                wd.expired(event, message)
+                raise CommTimeoutError(message)
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+    finally:
+        wd.end(event)
+
+
 class PendingOp:
-    """A posted non-blocking operation whose completion has a deadline."""
+    """A posted non-blocking operation whose completion has a deadline.
+
+    Args:
+        requests: mpi4py requests.
+        what: description for the timeout error.
+        deadline: ``time.monotonic()`` value.
+        on_done: called once on completion; its result is :meth:`wait`'s.
+        keepalive: buffers MPI reads from until completion.
+        op, group, peers, nbytes: how the wait appears in the flight record
+            (see :func:`wait_requests`).
+    """
 
     def __init__(self, requests: list, what: str, deadline: float, on_done=None,
-                 keepalive: tuple = ()):
+                 keepalive: tuple = (), *, op: str = "", group: "Group | None" = None,
+                 peers: Sequence[int] | None = None, nbytes: int = 0):
         self._requests = requests
-        self._keepalive = keepalive  # buffers MPI reads from until completion
+        self._keepalive = keepalive
         self._what = what
         self._deadline = deadline
         self._on_done = on_done
+        self._record = (op, group, peers, nbytes)
         self._done = False
         self._result = None
 
@@ -60,24 +113,21 @@ class PendingOp:
         if not self._done:
             MPI = _mpi()
             if MPI.Request.Testall(self._requests):
-                self._done = True
-                if self._on_done is not None:
-                    self._result = self._on_done()
+                self._finish()
         return self._done
+
+    def _finish(self) -> None:
+        self._done = True
+        if self._on_done is not None:
+            self._result = self._on_done()
 
     def wait(self) -> Any:
         """Block until done or the deadline; return the operation's result."""
-        pause = 1e-6
-        while not self.test():
-            if time.monotonic() > self._deadline:
-                for req in self._requests:
-                    try:
-                        req.Cancel()
-                    except Exception:  # collectives cannot be cancelled
-                        pass
-                raise CommTimeoutError(f"{self._what} timed out")
-            time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+        if not self._done:
+            op, group, peers, nbytes = self._record
+            wait_requests(self._requests, self._what, self._deadline, op=op, group=group,
+                          peers=peers, nbytes=nbytes)
+            self._finish()
         return self._result
 
 
@@ -131,9 +181,24 @@ class Group:
     def _deadline(self) -> float:
         return time.monotonic() + self.timeout_sec
 
+    def pending(self, requests: list, op: str, peers: Sequence[int] | None = None,
+                nbytes: int = 0, keepalive: tuple = ()) -> PendingOp:
+        """A :class:`PendingOp` on this group with its deadline and flight-record entry.
+
+        Args:
+            requests: mpi4py requests on this group's communicator.
+            op: what is waited for, e.g. "allreduce(sum) of float32[4]".
+            peers: group ranks waited for, when only some (point-to-point).
+            nbytes: payload bytes.
+            keepalive: buffers to keep alive until completion.
+        """
+        global_peers = None if peers is None else [self.ranks[p] for p in peers]
+        return PendingOp(requests, self._what(op, peers), self._deadline(), keepalive=keepalive,
+                         op=op, group=self, peers=global_peers, nbytes=nbytes)
+
     # -- collectives -------------------------------------------------------
     def barrier(self) -> None:
-        PendingOp([self.comm.Ibarrier()], self._what("barrier"), self._deadline()).wait()
+        self.pending([self.comm.Ibarrier()], "barrier").wait()
 
     def allreduce(self, array: Any, op: str = "sum") -> np.ndarray:
         """Reduce ``array`` element-wise over the group; every rank gets the result."""
@@ -145,8 +210,8 @@ class Group:
         mpi_op = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN,
                   "prod": MPI.PROD}[op]
         req = self.comm.Iallreduce(send, recv, op=mpi_op)
-        PendingOp([req], self._what(f"allreduce({op}) of {_describe(send.dtype, send.shape)}"),
-                  self._deadline()).wait()
+        self.pending([req], f"allreduce({op}) of {_describe(send.dtype, send.shape)}",
+                     nbytes=send.nbytes).wait()
         if op == "mean":
             recv = recv / self.size if np.issubdtype(recv.dtype, np.floating) else recv // self.size
         return recv
@@ -156,8 +221,8 @@ class Group:
         send = np.ascontiguousarray(array)
         recv = np.empty((self.size,) + send.shape, dtype=send.dtype)
         req = self.comm.Iallgather(send, recv)
-        PendingOp([req], self._what(f"allgather of {_describe(send.dtype, send.shape)}"),
-                  self._deadline()).wait()
+        self.pending([req], f"allgather of {_describe(send.dtype, send.shape)}",
+                     nbytes=send.nbytes).wait()
         return recv
 
     def broadcast(self, array: Any, root: int = 0) -> np.ndarray:
@@ -166,8 +231,8 @@ class Group:
             raise ValueError(f"broadcast root {root} outside {self.kind} group of size {self.size}")
         buf = np.array(array, copy=True, order="C")
         req = self.comm.Ibcast(buf, root=root)
-        PendingOp([req], self._what(f"broadcast of {_describe(buf.dtype, buf.shape)} from group "
-                                    f"rank {root}"), self._deadline()).wait()
+        self.pending([req], f"broadcast of {_describe(buf.dtype, buf.shape)} from group rank "
+                            f"{root}", nbytes=buf.nbytes).wait()
         return buf
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:
@@ -193,8 +258,8 @@ class Group:
         mpi_op = {"sum": MPI.SUM, "mean": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN}[op]
         recv = np.empty((send.shape[0] // self.size,) + send.shape[1:], dtype=send.dtype)
         req = self.comm.Ireduce_scatter_block(send, recv, op=mpi_op)
-        PendingOp([req], self._what(f"reduce_scatter({op}) of {_describe(send.dtype, send.shape)}"),
-                  self._deadline()).wait()
+        self.pending([req], f"reduce_scatter({op}) of {_describe(send.dtype, send.shape)}",
+                     nbytes=send.nbytes).wait()
         if op == "mean":
             recv = recv / self.size
         return recv
@@ -220,8 +285,8 @@ class Group:
         header[2:2 + data.ndim] = data.shape
         reqs = [self.comm.Isend(header, dest=dest, tag=2 * tag),
                 self.comm.Isend(data, dest=dest, tag=2 * tag + 1)]
-        what = self._what(f"send of {_describe(data.dtype, data.shape)} (tag {tag})", [dest])
-        return PendingOp(reqs, what, self._deadline(), keepalive=(header, data))
+        return self.pending(reqs, f"send of {_describe(data.dtype, data.shape)} (tag {tag})",
+                            [dest], data.nbytes, keepalive=(header, data))
 
     def send(self, array: Any, dest: int, tag: int = 0) -> None:
         self.isend(array, dest, tag).wait()
@@ -235,8 +300,8 @@ class Group:
         """
         self._check_peer(source, "recv")
         header = np.empty(_HEADER_LEN, np.int64)
-        PendingOp([self.comm.Irecv(header, source=source, tag=2 * tag)],
-                  self._what(f"recv (tag {tag}) header", [source]), self._deadline()).wait()
+        self.pending([self.comm.Irecv(header, source=source, tag=2 * tag)],
+                     f"recv (tag {tag}) header", [source]).wait()
         code, ndim = int(header[0]), int(header[1])
         if not 0 <= code < len(_DTYPES) or not 0 <= ndim <= _MAX_DIMS:
             raise CommError(f"recv on {self.kind} group: malformed header from global rank "
@@ -248,15 +313,15 @@ class Group:
         if (want_dtype, want_shape) != (got_dtype, got_shape):
             # Drain the payload so the sender is not left blocked, then fail.
             junk = np.empty(got_shape, got_dtype)
-            PendingOp([self.comm.Irecv(junk, source=source, tag=2 * tag + 1)],
-                      self._what("recv payload", [source]), self._deadline()).wait()
+            self.pending([self.comm.Irecv(junk, source=source, tag=2 * tag + 1)],
+                         "recv payload", [source]).wait()
             raise CommError(
                 f"recv on {self.kind} group (tag {tag}): global rank {self.global_rank} expected "
                 f"{_describe(want_dtype, want_shape)} but global rank {self.ranks[source]} sent "
                 f"{_describe(got_dtype, got_shape)}"
             )
         out = np.empty(got_shape, got_dtype)
-        PendingOp([self.comm.Irecv(out, source=source, tag=2 * tag + 1)],
-                  self._what(f"recv of {_describe(got_dtype, got_shape)} (tag {tag})", [source]),
-                  self._deadline()).wait()
+        self.pending([self.comm.Irecv(out, source=source, tag=2 * tag + 1)],
+                     f"recv of {_describe(got_dtype, got_shape)} (tag {tag})", [source],
+                     out.nbytes).wait()
         return out

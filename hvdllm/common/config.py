@@ -115,7 +115,19 @@ class ParallelConfig:
             forward+backward time measured briefly at start-up).
         recompute: "none", or "full" to recompute each stage's layers in
             backward instead of keeping their activations.
-        timeout_sec: deadline of every blocking hvdllm communication call.
+        timeout_sec: how long any rank may wait on other ranks with nothing
+            moving before the job is ended with a hang report.  Waiting is
+            bounded, computing is not: a slow rank never trips it, only a
+            wait longer than this does.  It must exceed the longest
+            legitimate wait: the slowest rank's step (its peers wait that
+            long in the gradient allreduce) and start-up.  Smaller values
+            free a hung allocation sooner.
+        watchdog: run the per-rank hang watchdog (heartbeats, flight record,
+            report and ``MPI_Abort`` on a hang).  Off, waits hvdllm polls
+            still end in an error; waits inside Horovod or a TensorFlow
+            graph are then unbounded.
+        flight_record: communication events each rank keeps for its
+            ``hang-rank-K.json``.
     """
 
     dp: int = 1
@@ -127,6 +139,8 @@ class ParallelConfig:
     partition: str = "uniform"
     recompute: str = "none"
     timeout_sec: float = 300.0
+    watchdog: bool = True
+    flight_record: int = 256
 
 
 @dataclass
@@ -424,6 +438,7 @@ def validate(cfg: Config) -> None:
     for name in ("dp", "tp", "pp"):
         _positive(f"parallel.{name}", getattr(p, name))
     _positive("parallel.timeout_sec", p.timeout_sec)
+    _positive("parallel.flight_record", p.flight_record)
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg)
     _validate_data_parallel_depth(cfg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from . import watchdog
 from .errors import EnvironmentSetupError
 
 BUILD_HINT = ("build it with `make setup` in the hvdllm checkout, or run "
@@ -78,9 +79,12 @@ def configure_horovod_env(timeout_sec: float, data_parallel: bool = True) -> Non
     """Horovod settings hvdllm relies on; values the user exported win.
 
     * Deadlines: Horovod's coordinator notices when some ranks submitted a
-      tensor and others did not.  It warns after a minute (or the deadline,
-      if shorter) and shuts down at the deadline, which turns a rank that
-      stopped participating into an error instead of an endless wait.
+      tensor and others did not.  It warns (naming the missing ranks) after
+      a minute or the deadline, if shorter, and shuts down at twice the
+      deadline.  hvdllm's watchdog (:mod:`hvdllm.common.watchdog`) ends a
+      hang at the deadline with a fuller report, so Horovod's shutdown is
+      the fallback for waits the watchdog does not see; it only works while
+      every rank's Horovod thread still runs (a frozen rank stops it).
     * Cycle time 5 ms (Horovod's default is 1 ms): the background thread
       wakes less often, which on a node whose cores all compute costs less
       than the extra latency (measured in docs/benchmarks.md).  Without
@@ -92,7 +96,7 @@ def configure_horovod_env(timeout_sec: float, data_parallel: bool = True) -> Non
     os.environ.setdefault("HOROVOD_CYCLE_TIME", "5" if data_parallel else IDLE_CYCLE_TIME_MS)
     deadline = max(1, int(timeout_sec))
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, deadline)))
-    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(deadline))
+    os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(2 * deadline))
 
 
 def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) -> Any:
@@ -116,11 +120,15 @@ def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) 
 
     configure_horovod_env(timeout_sec, data_parallel=topology.dp > 1)
     psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in topology.process_set_ranks()}
-    hvd.init(comm=comm, process_sets=list(psets.values()))
+    world = tuple(range(comm.Get_size()))
+    with watchdog.current().waiting("Horovod start-up (hvd.init)", "world", world):
+        hvd.init(comm=comm, process_sets=list(psets.values()))
     if hvd.size() != comm.Get_size() or hvd.rank() != comm.Get_rank():
         raise EnvironmentSetupError(
             f"Horovod sees rank {hvd.rank()} of {hvd.size()} but MPI sees rank "
             f"{comm.Get_rank()} of {comm.Get_size()}; launch with horovodrun or mpirun"
         )
-    return build_groups(topology, comm, timeout_sec=timeout_sec, process_sets=psets,
-                        global_process_set=hvd.global_process_set)
+    with watchdog.current().waiting("splitting the world into dp, tp and pp communicators",
+                                    "world", world):
+        return build_groups(topology, comm, timeout_sec=timeout_sec, process_sets=psets,
+                            global_process_set=hvd.global_process_set)

@@ -1,9 +1,9 @@
 """Data-parallel gradient averaging and parameter broadcast over Horovod.
 
-The TensorFlow engine computes a whole optimizer step in one ``tf.function``:
-gradients of all micro-batches are summed locally first, and only then
-:func:`allreduce_gradients` adds one Horovod allreduce (average over the DP
-process set) to the graph, on all gradients packed into one flat buffer.
+The TensorFlow engine sums the gradients of all micro-batches locally in
+one ``tf.function`` first, and only then :func:`allreduce_gradients` runs one
+Horovod allreduce (average over the DP process set) in the graph that
+applies them, on all gradients packed into one flat buffer.
 Accumulation therefore costs no traffic, and the step pays for a single
 Horovod negotiation rather than one per tensor.
 
@@ -17,6 +17,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..common import watchdog
 from ..common.comm import Group
 
 
@@ -59,5 +60,6 @@ def broadcast_variables(variables: Sequence[Any], group: Group, hvd: Any, root: 
         return
     # Keras 3 variables wrap a tf.Variable; Horovod's in-place op needs the latter.
     tf_variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
-    hvd.broadcast_(tf_variables, root_rank=group.ranks[root], name=f"{group.kind}.bcast",
-                   process_set=group.process_set)
+    with watchdog.current().waiting("broadcast of the initial weights", group.kind, group.ranks):
+        hvd.broadcast_(tf_variables, root_rank=group.ranks[root], name=f"{group.kind}.bcast",
+                       process_set=group.process_set)

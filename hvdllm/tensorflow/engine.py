@@ -8,6 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ..common import watchdog
 from ..common.config import Config
 from ..common.topology import ParallelGroups
 from .data_parallel import allreduce_gradients, broadcast_variables
@@ -38,12 +39,18 @@ def build_optimizer(model: keras.Model, cfg: Config) -> keras.optimizers.AdamW:
 
 
 class TensorFlowEngine:
-    """Data-parallel GPT training step, one ``tf.function`` call per optimizer step.
+    """Data-parallel GPT training step: ``tf.function`` graphs, one Horovod allreduce.
 
     Gradient accumulation: each micro-batch's loss is scaled by
     1/accum_steps and its gradients are summed into the running total in
     the graph; the DP allreduce runs once, on the total, after the last
     micro-batch, so accumulation costs no traffic.
+
+    With dp = 1 a step is one graph (accumulate and apply).  With dp > 1 it
+    is two: the accumulation graph, then the allreduce-and-apply graph.
+    The split lets the hang watchdog tell this rank's own computation
+    (never a hang, however slow) from the wait on its peers inside the
+    allreduce (bounded by ``parallel.timeout_sec``).
 
     Args:
         cfg: the run's configuration.
@@ -59,12 +66,16 @@ class TensorFlowEngine:
         broadcast_variables(self.variables, groups.dp, self.hvd)
         self.optimizer = build_optimizer(self.model, cfg)
         self.num_params = sum(int(np.prod(v.shape)) for v in self.variables)
+        self._grad_bytes = 4 * self.num_params
         # Traced once per micro-batch layout; the learning rate is a tensor
         # argument so that a new value each step does not retrace.
         self._step = tf.function(self._step_graph)
-        # Calling the traced graph directly skips tf.function's per-call
+        self._accumulate = tf.function(self._accumulate_graph)
+        self._sync = tf.function(self._sync_graph)
+        # Calling the traced graphs directly skips tf.function's per-call
         # argument matching, a fixed cost that is visible on small models.
         self._traced: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
+        self._traced_sync: tf.types.experimental.ConcreteFunction | None = None
 
     def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, n: int) -> tuple[tf.Tensor, list]:
         """Loss of one micro-batch and the gradients of ``loss / n``."""
@@ -75,8 +86,8 @@ class TensorFlowEngine:
         # Embedding lookups give IndexedSlices; the sum and the allreduce want dense tensors.
         return loss, [tf.convert_to_tensor(g) for g in grads]
 
-    def _step_graph(self, xs: tf.Tensor, ys: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
-        """One optimizer step over micro-batches ``xs``, ``ys`` of shape (n, micro_batch, t)."""
+    def _accumulate_graph(self, xs: tf.Tensor, ys: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """Mean loss and summed gradients over micro-batches ``xs``, ``ys`` of shape (n, b, t)."""
         n = xs.shape[0]
         total, grads = self._micro_batch(xs[0], ys[0], n)
         if n > 1:
@@ -85,10 +96,21 @@ class TensorFlowEngine:
                 loss, more = self._micro_batch(xs[i], ys[i], n)
                 total += loss
                 grads = [g + m for g, m in zip(grads, more)]
-        grads = allreduce_gradients(grads, self.groups.dp, self.hvd)
+        return total / n, grads
+
+    def _apply(self, grads: list, lr: tf.Tensor) -> None:
         self.optimizer.learning_rate.assign(lr)
         self.optimizer.apply(grads, self.variables)
-        return total / n
+
+    def _step_graph(self, xs: tf.Tensor, ys: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
+        """A whole optimizer step without data parallelism (dp = 1)."""
+        loss, grads = self._accumulate_graph(xs, ys)
+        self._apply(grads, lr)
+        return loss
+
+    def _sync_graph(self, grads: list, lr: tf.Tensor) -> None:
+        """Average the accumulated gradients over the DP group and apply them (dp > 1)."""
+        self._apply(allreduce_gradients(grads, self.groups.dp, self.hvd), lr)
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
@@ -96,10 +118,21 @@ class TensorFlowEngine:
         ys = tf.convert_to_tensor(np.stack([y for _, y in micro_batches]))
         lr_t = tf.constant(lr, tf.float32)
         key = (tuple(xs.shape), tuple(ys.shape), xs.dtype, ys.dtype)
-        step = self._traced.get(key)
-        if step is None:
-            step = self._traced[key] = self._step.get_concrete_function(xs, ys, lr_t)
-        return float(step(xs, ys, lr_t))
+        dp = self.groups.dp
+        graph = self._traced.get(key)
+        if graph is None:
+            traced = self._step if dp.size == 1 else self._accumulate
+            args = (xs, ys, lr_t) if dp.size == 1 else (xs, ys)
+            graph = self._traced[key] = traced.get_concrete_function(*args)
+        if dp.size == 1:
+            return float(graph(xs, ys, lr_t))
+        loss, grads = graph(xs, ys)
+        if self._traced_sync is None:
+            self._traced_sync = self._sync.get_concrete_function(grads, lr_t)
+        with watchdog.current().waiting("dp gradient allreduce (TensorFlow graph)", dp.kind,
+                                        dp.ranks, nbytes=self._grad_bytes):
+            self._traced_sync(grads, lr_t)
+        return float(loss)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
         return self.model.generate(prompt, max_new_tokens, seed)

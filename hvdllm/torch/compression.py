@@ -51,6 +51,7 @@ from ..common.compression import (DEFAULT_POWERSGD_RANK, DEFAULT_TOPK_RATIO, FP3
                                   half_wire_bytes, matrix_shape, powersgd_compresses,
                                   powersgd_effective_rank, topk_count)
 from ..common.errors import EnvironmentSetupError
+from ..common.watchdog import wait_horovod
 
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -160,7 +161,8 @@ class GradientCompressor:
                                                  process_set=self.group.process_set)
 
     def _wait(self, handle: Any) -> Any:
-        return None if handle is None else self.hvd.synchronize(handle)
+        return None if handle is None else wait_horovod(
+            self.hvd, handle, f"{type(self).__name__} gradient allreduce", self.group)
 
     def _reduce(self, tensors: list[torch.Tensor], names: list[str]) -> None:
         self._wait(self._allreduce_mean(tensors, "grads"))
@@ -200,12 +202,14 @@ class HalfPrecisionCompressor(GradientCompressor):
             # The bits travel as int16: Horovod moves them untouched, whatever the 16-bit type.
             handle = self.hvd.alltoall_async(wire.view(torch.int16), name=self._op_name("scatter"),
                                              process_set=self.group.process_set)
-            received, _ = self.hvd.synchronize(handle)
+            received, _ = wait_horovod(self.hvd, handle, f"{self.mode} gradient alltoall",
+                                       self.group, wire.numel() * wire.element_size())
             parts = received.view(self.dtype).float().view(world, chunk)
             mine = (parts.sum(0) / world).to(self.dtype)
             handle = self.hvd.allgather_async(mine.view(torch.int16), name=self._op_name("gather"),
                                               process_set=self.group.process_set)
-            avg = self.hvd.synchronize(handle).view(self.dtype).float()
+            avg = wait_horovod(self.hvd, handle, f"{self.mode} gradient allgather", self.group,
+                               mine.numel() * mine.element_size()).view(self.dtype).float()
         offset = 0
         for t in tensors:
             t.copy_(avg[offset:offset + t.numel()].view_as(t))
@@ -278,7 +282,8 @@ class TopKCompressor(GradientCompressor):
                 pending.append((t, self.hvd.grouped_allgather_async(
                     [values, index], name=self._op_name(name), process_set=self.group.process_set)))
         for t, handle in pending:
-            values, index = handle if world == 1 else self.hvd.synchronize(handle)
+            values, index = handle if world == 1 else wait_horovod(
+                self.hvd, handle, "top-k gradient allgather", self.group)
             dense = torch.zeros(t.numel(), dtype=torch.float32, device=t.device)
             dense.index_add_(0, index.long(), values)
             t.copy_((dense / world).view_as(t))

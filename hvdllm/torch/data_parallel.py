@@ -18,7 +18,9 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
+from ..common import watchdog
 from ..common.comm import Group
+from ..common.watchdog import wait_horovod
 
 DEFAULT_BUCKET_BYTES = 4 * 2**20
 
@@ -120,7 +122,9 @@ class GradientSync:
                 self._start(bucket)
         with torch.no_grad():
             for bucket in self.buckets:
-                self.hvd.synchronize(bucket.handle)
+                wait_horovod(self.hvd, bucket.handle,
+                             f"dp gradient allreduce (bucket {bucket.index})", self.group,
+                             bucket.flat.numel() * bucket.flat.element_size())
                 bucket.handle, bucket.ready = None, 0
                 for (_, p), view in zip(bucket.params, bucket.views):
                     if p.grad is None:
@@ -147,5 +151,6 @@ def broadcast_module(module: torch.nn.Module, group: Group, hvd: Any, root: int 
     for name, tensor in module.state_dict().items():
         handles.append(hvd.broadcast_async_(tensor, root_rank=root_global,
                                             name=f"bcast.{name}", process_set=group.process_set))
-    for handle in handles:
-        hvd.synchronize(handle)
+    with watchdog.current().waiting("broadcast of the initial weights", group.kind, group.ranks):
+        for handle in handles:
+            hvd.synchronize(handle)

@@ -6,6 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ..common import watchdog
 from ..common.config import Config
 from ..common.topology import ParallelGroups
 from .data_parallel import GradientSync, broadcast_module
@@ -123,7 +124,9 @@ class TorchEngine:
         else:
             n = len(micro_batches)
             total = 0.0
+            wd = watchdog.current()
             for i, (x, y) in enumerate(micro_batches):
+                wd.set_micro(i + 1)
                 with self.update.autocast():
                     loss = self.model.loss(torch.from_numpy(x), torch.from_numpy(y))
                 self.update.backward(loss / n, last=i == n - 1)

@@ -39,6 +39,7 @@ import torch
 
 from ..common.comm import Group
 from ..common.errors import ConfigError
+from ..common.watchdog import wait_horovod
 from ..common.zero import build_flat_layout, check_zero_optimizer
 from .clip import PP_DUPLICATE_ATTR, TP_SHARDED_ATTR, combine_squared_norms
 
@@ -111,7 +112,8 @@ class ZeroAdamW(torch.optim.Optimizer):
             handle = self.hvd.reducescatter_async(flat, op=self.hvd.Average,
                                                   name="hvdllm.zero.grads",
                                                   process_set=self.group.process_set)
-            shard = self.hvd.synchronize(handle)
+            shard = wait_horovod(self.hvd, handle, "ZeRO-1 reduce-scatter of gradients",
+                                 self.group, flat.numel() * flat.element_size())
         self._grad_shard = shard
         return shard
 
@@ -183,7 +185,8 @@ class ZeroAdamW(torch.optim.Optimizer):
         else:
             handle = self.hvd.allgather_async(self.master, name="hvdllm.zero.params",
                                               process_set=self.group.process_set)
-            flat = self.hvd.synchronize(handle)
+            flat = wait_horovod(self.hvd, handle, "ZeRO-1 allgather of parameters", self.group,
+                                self.master.numel() * self.master.element_size())
         for p, offset in zip(self._params, self.layout.offsets):
             p.copy_(flat[offset:offset + p.numel()].view_as(p))
 

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..common import watchdog
 from ..common.config import Config
 from ..common.data import ByteTokenizer, ShardedBatchSampler, TokenWindows
 from ..common.metrics import MetricsWriter, ProgressBar
@@ -47,7 +48,9 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
     tokens_per_step = t.global_batch_size * cfg.model.seq_len
     start = time.perf_counter()
     window_start, window_steps = start, 0
+    dog = watchdog.current()
     for step in range(1, t.steps + 1):
+        dog.set_step(step)
         micro = [windows.batch(indices) for indices in sampler.next_step()]
         lr = learning_rate(step, cfg)
         local_loss = engine.train_step(micro, lr)
@@ -65,6 +68,7 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
             summary.losses.append(loss)
             progress.update(step, loss=loss, tok_s=int(tokens_per_sec))
             window_start, window_steps = now, 0
+    dog.set_step(-1)  # what follows (sampling, the final checkpoint) is after training
     summary.steps = t.steps
     summary.elapsed_sec = time.perf_counter() - start
     if t.sample_tokens:

@@ -6,8 +6,10 @@ Start-up runs in two phases:
    framework import.  Every rank runs it, then the ranks agree on whether it
    failed anywhere, so a bad config or a missing file gives one clean error
    on every launch method, never a hang.
-2. **Training**: Horovod and the groups are initialised, and an uncaught
-   exception on any rank aborts the whole job (see
+2. **Training**: the hang watchdog starts (:mod:`hvdllm.common.watchdog`:
+   any wait on other ranks longer than ``parallel.timeout_sec`` ends the
+   job with a report), Horovod and the groups are initialised, and an
+   uncaught exception on any rank aborts the whole job (see
    :mod:`hvdllm.common.failure`).
 """
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ..common.failure import install_failure_handler
 from ..common.launch import check_launcher, threads_per_rank, world_comm
 from ..common.metrics import MetricsWriter
 from ..common.topology import Topology, describe
+from ..common.watchdog import Watchdog
 from .loop import TrainSummary, run_training
 
 ADAPTERS = {"torch": "hvdllm.torch", "tensorflow": "hvdllm.tensorflow"}
@@ -102,6 +105,10 @@ def train(cfg: Config) -> TrainSummary:
     _agree(comm, error, cfg.parallel.timeout_sec)
 
     install_failure_handler(comm)
+    dog = None
+    if cfg.parallel.watchdog:
+        dog = Watchdog(comm, cfg.parallel.timeout_sec, output_dir=cfg.output.dir,
+                       history=cfg.parallel.flight_record).start()
     threads = threads_per_rank(comm)
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
@@ -127,6 +134,8 @@ def train(cfg: Config) -> TrainSummary:
             path = write_final_checkpoint(Path(cfg.output.dir) / "checkpoint", cfg, state)
             print(f"hvdllm: checkpoint in {path} (hvdllm convert --to-hf {path} --out DIR)",
                   flush=True)
+    if dog is not None:
+        dog.stop()
     if rank == 0:
         losses = summary.losses
         print(f"hvdllm: done {summary.steps} steps in {summary.elapsed_sec:.1f}s; loss "

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from ...common import watchdog
 from ...common.comm import Group
 from ...common.errors import ConfigError
 from ...common.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
@@ -190,6 +191,7 @@ class PipelineExecutor:
         return self._shared_loss(step.losses, m)
 
     def _forward(self, step: "_StepState", mb: int, c: int) -> None:
+        watchdog.current().set_micro(mb + 1)
         chunk = self.chunks[c]
         x, y = step.micro_batches[mb]
         inp = None
@@ -205,6 +207,7 @@ class PipelineExecutor:
         step.held[mb, c] = (inp, out)
 
     def _backward(self, step: "_StepState", mb: int, c: int) -> None:
+        watchdog.current().set_micro(mb + 1)
         inp, out = step.held.pop((mb, c))
         m = len(step.micro_batches)
         with step.sync() if mb == m - 1 else contextlib.nullcontext():

@@ -24,8 +24,9 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ...common.comm import Group
-from ...common.errors import CommError, CommTimeoutError
+from ...common import watchdog
+from ...common.comm import Group, wait_requests
+from ...common.errors import CommError
 
 # Wire codes of the dtypes stages may exchange.
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -75,26 +76,17 @@ def _raw_bytes(tensor: torch.Tensor) -> np.ndarray:
     return tensor.view(-1).view(torch.uint8).numpy()
 
 
-def _poll(requests: list, what: str, deadline: float) -> None:
-    """Wait for MPI requests with a short back-off; raise past ``deadline``."""
-    from mpi4py import MPI
-
-    pause = 2e-6
-    while not MPI.Request.Testall(requests):
-        if time.monotonic() > deadline:
-            raise CommTimeoutError(f"{what} timed out")
-        time.sleep(pause)
-        pause = min(pause * 2, 1e-4)
-
-
 class SendHandle:
     """A posted send; keeps its buffers alive until the send completes."""
 
-    def __init__(self, requests: list, buffers: tuple, what: str, timeout_sec: float):
+    def __init__(self, requests: list, buffers: tuple, what: str, link: "StageLink", peer: int,
+                 op: str):
         self._requests = requests
         self._buffers = buffers
         self.what = what
-        self._timeout = timeout_sec
+        self._link = link
+        self._peer = peer
+        self._op = op
 
     def test(self) -> bool:
         """True once the send has completed (never blocks); frees the buffers then."""
@@ -106,7 +98,9 @@ class SendHandle:
 
     def wait(self) -> None:
         if self._buffers:
-            _poll(self._requests, self.what, time.monotonic() + self._timeout)
+            link = self._link
+            link.poll(self._requests, self.what, time.monotonic() + link.group.timeout_sec,
+                      self._op, self._peer, sum(b.nbytes for b in self._buffers))
             self._buffers = ()
 
 
@@ -128,8 +122,9 @@ class RecvHandle:
         """The received tensor, after checking it is what the stages agreed on."""
         link = self._link
         deadline = time.monotonic() + link.group.timeout_sec
-        _poll([self._header_req], link.describe(f"receive of the header of {self.what}",
-                                                self._peer), deadline)
+        link.poll([self._header_req], link.describe(f"receive of the header of {self.what}",
+                                                    self._peer), deadline,
+                  f"pipeline recv of {self.what}", self._peer)
         got = TensorSpec.decode(self._header)
         if got != self._spec:
             try:
@@ -139,8 +134,9 @@ class RecvHandle:
             raise PipelineCommError(
                 f"pipeline {self.what}: {link.stage_name(link.group.rank)} expected "
                 f"{self._spec} but {link.stage_name(self._peer)} sent {got}")
-        _poll([self._payload_req], link.describe(f"receive of {self.what} ({got})", self._peer),
-              deadline)
+        link.poll([self._payload_req], link.describe(f"receive of {self.what} ({got})", self._peer),
+                  deadline, f"pipeline recv of {self.what} payload", self._peer,
+                  self._payload.numel() * self._payload.element_size())
         return self._payload
 
 
@@ -154,7 +150,9 @@ class StageLink:
 
     def __init__(self, group: Group):
         self.group = group
-        self.comm = group.comm.Dup()
+        with watchdog.current().waiting("pipeline set-up: duplicating the pp communicator",
+                                        group.kind, group.ranks):
+            self.comm = group.comm.Dup()
         self.tag_limit = _tag_upper_bound(self.comm)
 
     def stage_name(self, stage: int) -> str:
@@ -163,6 +161,13 @@ class StageLink:
     def describe(self, op: str, peer: int) -> str:
         return (f"pipeline {op} on {self.stage_name(self.group.rank)} from/to "
                 f"{self.stage_name(peer)} after {self.group.timeout_sec:g}s")
+
+    def poll(self, requests: list, what: str, deadline: float, op: str,
+             peers: int | Sequence[int], nbytes: int = 0) -> None:
+        """Wait for ``requests`` on this link (a flight-record event) until ``deadline``."""
+        peers = [peers] if isinstance(peers, int) else peers
+        wait_requests(requests, what, deadline, op=op, group=self.group,
+                      peers=[self.group.ranks[p] for p in peers], nbytes=nbytes)
 
     def check_tags(self, largest: int) -> None:
         """Raise unless schedule tags up to ``largest`` fit this MPI's tag range."""
@@ -177,8 +182,8 @@ class StageLink:
         header = TensorSpec.of(data).encode()
         reqs = [self.comm.Isend(header, dest=peer, tag=2 * tag),
                 self.comm.Isend(_raw_bytes(data), dest=peer, tag=2 * tag + 1)]
-        return SendHandle(reqs, (header, data), self.describe(f"send of {what}", peer),
-                          self.group.timeout_sec)
+        return SendHandle(reqs, (header, data), self.describe(f"send of {what}", peer), self,
+                          peer, f"pipeline send of {what}")
 
     def irecv(self, peer: int, tag: int, spec: TensorSpec, what: str) -> RecvHandle:
         """Post a receive of a ``spec`` tensor from pipeline stage ``peer``."""
@@ -198,16 +203,19 @@ class StageLink:
         recvs = [self.comm.Irecv(buf, source=peer, tag=2 * tag)
                  for buf, (peer, tag, _, _) in zip(headers, incoming)]
         deadline = time.monotonic() + self.group.timeout_sec
-        _poll(recvs, f"pipeline set-up on {self.stage_name(self.group.rank)}: agreeing on "
-                     f"message shapes with its neighbour stages after "
-                     f"{self.group.timeout_sec:g}s", deadline)
+        neighbours = sorted({peer for peer, _, _, _ in incoming} | {p for p, _, _ in outgoing})
+        self.poll(recvs, f"pipeline set-up on {self.stage_name(self.group.rank)}: agreeing on "
+                         f"message shapes with its neighbour stages after "
+                         f"{self.group.timeout_sec:g}s", deadline,
+                  "pipeline set-up: agreeing on message shapes", neighbours)
         for buf, (peer, _, spec, what) in zip(headers, incoming):
             got = TensorSpec.decode(buf)
             if got != spec:
                 raise PipelineCommError(
                     f"pipeline set-up: {self.stage_name(self.group.rank)} expects {what} as "
                     f"{spec} but {self.stage_name(peer)} will send {got}")
-        _poll(sends, f"pipeline set-up sends on {self.stage_name(self.group.rank)}", deadline)
+        self.poll(sends, f"pipeline set-up sends on {self.stage_name(self.group.rank)}", deadline,
+                  "pipeline set-up sends", neighbours)
 
     def exchange(self, tensor: torch.Tensor, peer: int, tag: int, what: str) -> torch.Tensor:
         """Send ``tensor`` to ``peer`` and return the same-spec tensor ``peer`` sends back."""

@@ -36,7 +36,8 @@ from typing import Any, Iterator
 
 import torch
 
-from ...common.comm import Group, PendingOp
+from ...common import watchdog
+from ...common.comm import Group
 from ...common.errors import CommError
 
 SEQ_DIM = 1
@@ -114,8 +115,14 @@ class TensorParallelGroup:
         return self.hvd
 
     def _wait(self, request: Any, op: str, t: torch.Tensor) -> None:
-        what = self.group._what(f"tensor-parallel {op} of {t.dtype}{list(t.shape)}")
-        PendingOp([request], what, self.group._deadline()).wait()
+        self.group.pending([request], f"tensor-parallel {op} of {t.dtype}{list(t.shape)}",
+                           nbytes=t.numel() * t.element_size()).wait()
+
+    def _horovod_wait(self, op: str, t: torch.Tensor) -> Any:
+        """A blocking Horovod call on the TP group, as a watchdog-bounded wait."""
+        return watchdog.current().waiting(
+            f"tensor-parallel {op} of {t.dtype}{list(t.shape)} (Horovod)", self.group.kind,
+            self.group.ranks, nbytes=t.numel() * t.element_size())
 
     @staticmethod
     def _wire(t: torch.Tensor) -> torch.Tensor:
@@ -142,8 +149,9 @@ class TensorParallelGroup:
             return buf.to(t.dtype)
         hvd = self._horovod()
         hvd_op = hvd.Sum if op == "sum" else hvd.Max
-        return hvd.allreduce(t.contiguous(), op=hvd_op, name=self._name("allreduce"),
-                             process_set=self.group.process_set)
+        with self._horovod_wait(f"allreduce({op})", t):
+            return hvd.allreduce(t.contiguous(), op=hvd_op, name=self._name("allreduce"),
+                                 process_set=self.group.process_set)
 
     def all_gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
         """Concatenate every rank's ``t`` along ``dim`` (equal shapes)."""
@@ -157,8 +165,9 @@ class TensorParallelGroup:
             gathered = recv.reshape((-1,) + tuple(send.shape[1:])).to(t.dtype)
         else:
             hvd = self._horovod()
-            gathered = hvd.allgather(front.contiguous(), name=self._name("allgather"),
-                                     process_set=self.group.process_set)
+            with self._horovod_wait("allgather", t):
+                gathered = hvd.allgather(front.contiguous(), name=self._name("allgather"),
+                                         process_set=self.group.process_set)
         return gathered.movedim(0, dim)
 
     def reduce_scatter(self, t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -179,9 +188,10 @@ class TensorParallelGroup:
             part = recv.to(t.dtype)
         else:
             hvd = self._horovod()
-            part = hvd.reducescatter(front.contiguous(), op=hvd.Sum,
-                                     name=self._name("reducescatter"),
-                                     process_set=self.group.process_set)
+            with self._horovod_wait("reduce-scatter", t):
+                part = hvd.reducescatter(front.contiguous(), op=hvd.Sum,
+                                         name=self._name("reducescatter"),
+                                         process_set=self.group.process_set)
         return part.movedim(0, dim)
 
     def local_part(self, t: torch.Tensor, dim: int) -> torch.Tensor:
