@@ -36,6 +36,7 @@ waits raise :class:`~hvdllm.common.errors.CommTimeoutError` as before.
 """
 from __future__ import annotations
 
+import atexit
 import faulthandler
 import json
 import os
@@ -206,7 +207,7 @@ class Watchdog:
         self._progress_at = time.monotonic()
 
     def set_micro(self, micro: int | None) -> None:
-        """The engine starts micro-batch ``micro`` (1-based) of the current step."""
+        """The engine starts micro-batch ``micro`` (0-based, as in pipeline messages)."""
         self.micro = micro
 
     def expired(self, event: CommEvent | None, message: str) -> None:
@@ -239,6 +240,7 @@ class Watchdog:
             self._recvs.append(self.comm.Irecv(buf, source=peer, tag=HEARTBEAT_TAG))
         self.running = True
         _current = self
+        atexit.register(self.stop)  # before MPI is finalized: no MPI calls after that
         self._arm_backstop()
         self._thread = threading.Thread(target=self._run, name="hvdllm-watchdog", daemon=True)
         self._thread.start()

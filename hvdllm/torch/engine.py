@@ -126,7 +126,7 @@ class TorchEngine:
             total = 0.0
             wd = watchdog.current()
             for i, (x, y) in enumerate(micro_batches):
-                wd.set_micro(i + 1)
+                wd.set_micro(i)
                 with self.update.autocast():
                     loss = self.model.loss(torch.from_numpy(x), torch.from_numpy(y))
                 self.update.backward(loss / n, last=i == n - 1)

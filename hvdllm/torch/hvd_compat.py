@@ -3,9 +3,18 @@
 Reached through ``import hvdllm.torch as hvd``: a script written for
 ``horovod.torch`` runs unchanged with only that import swapped.
 
-* ``init`` applies hvdllm's Horovod settings (stall deadline
-  :data:`DEFAULT_TIMEOUT_SEC`, cycle time; values the user exported win)
-  and then calls Horovod's ``init`` with the same arguments.
+* ``init(comm=None, process_sets=None, timeout=None, watchdog=True)``
+  applies hvdllm's Horovod settings (cycle time, stall deadline; values the
+  user exported win), starts hvdllm's hang watchdog
+  (:mod:`hvdllm.common.watchdog`) and then calls Horovod's ``init``.
+  ``timeout`` (seconds; else ``$HVDLLM_TIMEOUT_SEC``, else
+  :data:`DEFAULT_TIMEOUT_SEC`) bounds every wait on other ranks: Horovod's
+  start-up, the blocking collectives served here (``allreduce``,
+  ``broadcast_parameters``, ``synchronize``, ``barrier``, ...) and the
+  gradient averaging of ``DistributedOptimizer``.  A wait longer than that
+  prints a report naming the likeliest culprit rank, writes
+  ``hang-rank-K.json`` (into ``$HVDLLM_HANG_DIR``, else the working
+  directory) and ends the job.  Its step is the count of optimizer steps.
 * ``DistributedOptimizer`` with ``Compression.none`` or ``Compression.fp16``
   is Horovod's own (allreduce per gradient, overlapped with backward).  With
   ``Compression.bf16``, ``Compression.topk(ratio)`` or
@@ -22,12 +31,14 @@ imports it only on first use of a Horovod name.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
+from ..common import watchdog as _watchdog
 from ..common.comm import Group
 from ..common.compression import DEFAULT_POWERSGD_RANK, DEFAULT_TOPK_RATIO, check_compression
 from ..common.launch import MPI_ENV_DEFAULTS, configure_horovod_env
@@ -44,12 +55,61 @@ def __getattr__(name: str) -> Any:
     return getattr(_hvd, name)
 
 
-def init(*args: Any, **kwargs: Any) -> None:
-    """Horovod's ``init(comm=None, process_sets=None)`` with hvdllm's deadlines applied first."""
+_timeout_sec = DEFAULT_TIMEOUT_SEC
+# Blocking Horovod calls served as watchdog-bounded waits.
+_BLOCKING = ("allreduce", "allreduce_", "grouped_allreduce", "grouped_allreduce_", "allgather",
+             "grouped_allgather", "broadcast", "broadcast_", "alltoall", "reducescatter",
+             "grouped_reducescatter", "synchronize", "join", "barrier", "broadcast_parameters",
+             "broadcast_optimizer_state", "broadcast_object", "allgather_object")
+
+
+def init(comm: Any = None, process_sets: Any = None, timeout: float | None = None,
+         watchdog: bool = True) -> None:
+    """Horovod's ``init(comm, process_sets)`` with hvdllm's deadline and hang watchdog.
+
+    Args:
+        comm, process_sets: Horovod's.
+        timeout: seconds any wait on other ranks may last; default
+            ``$HVDLLM_TIMEOUT_SEC``, else :data:`DEFAULT_TIMEOUT_SEC`.
+        watchdog: False skips the watchdog (Horovod's stall shutdown, at
+            twice the deadline, is then the only bound, and it needs every
+            rank's Horovod thread alive).
+    """
+    global _timeout_sec
+    _timeout_sec = float(timeout) if timeout is not None else _watchdog.timeout_from_env(
+        DEFAULT_TIMEOUT_SEC)
+    if not _timeout_sec > 0:
+        raise ValueError(f"init: timeout must be > 0 seconds, got {timeout}")
     for key, value in MPI_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
-    configure_horovod_env(DEFAULT_TIMEOUT_SEC)
-    _hvd.init(*args, **kwargs)
+    configure_horovod_env(_timeout_sec)
+    if watchdog and not _watchdog.current().running:
+        from mpi4py import MPI
+
+        _watchdog.Watchdog(MPI.COMM_WORLD, _timeout_sec).start()
+    world = tuple(range(_watchdog.current().size)) if _watchdog.current().running else ()
+    with _watchdog.current().waiting("Horovod start-up (hvd.init)", "world", world):
+        _hvd.init(comm=comm, process_sets=process_sets)
+
+
+def _world_ranks() -> tuple[int, ...]:
+    return tuple(range(_hvd.size()))
+
+
+def _bounded(name: str) -> Callable[..., Any]:
+    """Horovod's blocking ``name`` as a watchdog-bounded wait."""
+    fn = getattr(_hvd, name)
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        with _watchdog.current().waiting(f"horovod.torch.{name}", "world", _world_ranks()):
+            return fn(*args, **kwargs)
+
+    return call
+
+
+for _name in _BLOCKING:
+    globals()[_name] = _bounded(_name)
 
 
 @dataclass(frozen=True)
@@ -121,10 +181,36 @@ class _CompressedSync:
 
     def step(self, closure: Any = None) -> Any:
         """Average the gradients (unless already done or skipped), then the optimizer's step."""
+        _count_step(self)
         if self._hvdllm_should_sync and not self._hvdllm_synchronized:
             self.synchronize()
         self._hvdllm_synchronized = False
         return super().step(closure)
+
+
+def _count_step(optimizer: Any) -> None:
+    """Tell the watchdog that optimizer step n (1-based) begins."""
+    optimizer._hvdllm_steps = getattr(optimizer, "_hvdllm_steps", 0) + 1
+    _watchdog.current().set_step(optimizer._hvdllm_steps)
+
+
+def _bounded_horovod_optimizer(optimizer: Any) -> Any:
+    """Horovod's own DistributedOptimizer, its waits bounded and its steps counted."""
+    sync, step = optimizer.synchronize, optimizer.step
+
+    def synchronize() -> None:
+        with _watchdog.current().waiting("DistributedOptimizer gradient allreduce", "world",
+                                         _world_ranks()):
+            sync()
+
+    def counted_step(*args: Any, **kwargs: Any) -> Any:
+        _count_step(optimizer)
+        return step(*args, **kwargs)
+
+    # Instance attributes win over the class's methods, and Horovod's step()
+    # calls self.synchronize(), so both paths go through the wrappers.
+    optimizer.synchronize, optimizer.step = synchronize, counted_step
+    return optimizer
 
 
 def _world_group() -> Group:
@@ -132,7 +218,7 @@ def _world_group() -> Group:
     from mpi4py import MPI
 
     world = MPI.COMM_WORLD
-    return Group("dp", world, range(world.Get_size()), timeout_sec=DEFAULT_TIMEOUT_SEC,
+    return Group("dp", world, range(world.Get_size()), timeout_sec=_timeout_sec,
                  process_set=_hvd.global_process_set)
 
 
@@ -187,11 +273,11 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer,
         if compression is Compression.fp16:
             require_horovod_support(_hvd, [("allreduce", torch.float16)], device,
                                     "Compression.fp16")
-        return _hvd.DistributedOptimizer(
+        return _bounded_horovod_optimizer(_hvd.DistributedOptimizer(
             optimizer, named_parameters=named_parameters, compression=compression,
             backward_passes_per_step=backward_passes_per_step, op=op,
             gradient_predivide_factor=gradient_predivide_factor, num_groups=num_groups,
-            groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set)
+            groups=groups, sparse_as_dense=sparse_as_dense, process_set=process_set))
     if backward_passes_per_step < 1:
         raise ValueError(f"backward_passes_per_step must be >= 1, got {backward_passes_per_step}")
     unsupported = {"op": op != _hvd.Average,

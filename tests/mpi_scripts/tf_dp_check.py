@@ -1,8 +1,8 @@
 """Run under mpirun -np 2: the TensorFlow DP engine's communication pattern.
 
-The traced step must hold exactly one Horovod allreduce (all gradients in
-one flat buffer), in the step's top-level graph, and none inside the
-accumulation loop's body; the parameters must stay identical across ranks
+The accumulation graph (with its loop over micro-batches) must hold no
+Horovod op, and the allreduce-and-apply graph exactly one allreduce (all
+gradients in one flat buffer) at its top level; the parameters must stay identical across ranks
 after steps on different data.
 """
 import numpy as np
@@ -27,17 +27,23 @@ micro = [(rng.integers(0, 256, (cfg.train.micro_batch_size, 64)),
 for _ in range(3):
     eng.train_step(micro, lr=1e-3)
 assert len(eng._traced) == 1, "the step was traced more than once"
-graph_def = next(iter(eng._traced.values())).graph.as_graph_def()
+accumulate_def = next(iter(eng._traced.values())).graph.as_graph_def()
+sync_def = eng._traced_sync.graph.as_graph_def()
 
 
 def horovod_ops(nodes):
     return [n.op for n in nodes if n.op.startswith("Horovod")]
 
 
-top = horovod_ops(graph_def.node)
-inner = [op for fn in graph_def.library.function for op in horovod_ops(fn.node_def)]
-assert top == ["HorovodAllreduce"], top
-assert inner == [], f"Horovod ops inside loop bodies: {inner}"
+def inner_ops(graph_def):
+    return [op for fn in graph_def.library.function for op in horovod_ops(fn.node_def)]
+
+
+# Accumulation (with its loop over micro-batches) communicates nothing; the
+# allreduce-and-apply graph holds exactly one allreduce, at its top level.
+assert horovod_ops(accumulate_def.node) == [] and inner_ops(accumulate_def) == []
+assert horovod_ops(sync_def.node) == ["HorovodAllreduce"], horovod_ops(sync_def.node)
+assert inner_ops(sync_def) == [], inner_ops(sync_def)
 checksums = comm.allgather(eng.parameter_checksum())
 assert len(set(checksums)) == 1, checksums
 print(f"rank {rank}: tensorflow dp checks passed", flush=True)

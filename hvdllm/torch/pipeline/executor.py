@@ -191,7 +191,7 @@ class PipelineExecutor:
         return self._shared_loss(step.losses, m)
 
     def _forward(self, step: "_StepState", mb: int, c: int) -> None:
-        watchdog.current().set_micro(mb + 1)
+        watchdog.current().set_micro(mb)
         chunk = self.chunks[c]
         x, y = step.micro_batches[mb]
         inp = None
@@ -207,7 +207,7 @@ class PipelineExecutor:
         step.held[mb, c] = (inp, out)
 
     def _backward(self, step: "_StepState", mb: int, c: int) -> None:
-        watchdog.current().set_micro(mb + 1)
+        watchdog.current().set_micro(mb)
         inp, out = step.held.pop((mb, c))
         m = len(step.micro_batches)
         with step.sync() if mb == m - 1 else contextlib.nullcontext():
