@@ -176,8 +176,11 @@ def test_engine_accumulation_matches_one_big_batch(groups):
         loss_whole = whole.train_step([(x, y)], lr)
         loss_split = split.train_step([(x[:2], y[:2]), (x[2:], y[2:])], lr)
         assert loss_split == pytest.approx(loss_whole, rel=1e-5)
+    # Adam divides by the gradient's own scale, so a coordinate whose
+    # gradient is almost zero turns rounding noise into a step of up to lr;
+    # 1e-5 (1% of lr) still catches any real accumulation error.
     for a, b in zip(whole.model.get_weights(), split.model.get_weights()):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_engine_weight_decay_spares_vectors(groups):

@@ -75,3 +75,12 @@ def test_coords_out_of_range():
         Topology(2).coords(2)
     with pytest.raises(ValueError):
         Topology(2).rank_of(2, 0, 0)
+
+
+def test_neighbours_share_a_group():
+    topo = Topology(dp=2, tp=2, pp=2)
+    for rank in range(8):
+        expected = {r for kind in ("dp", "tp", "pp") for r in topo.group_ranks(kind, rank)}
+        assert topo.neighbours(rank) == tuple(sorted(expected - {rank}))
+    assert topo.neighbours(0) == (1, 2, 4)
+    assert Topology(dp=1).neighbours(0) == ()

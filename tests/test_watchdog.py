@@ -175,3 +175,24 @@ def test_backstop_when_the_gil_is_never_released(tmp_path):
     assert res.returncode != 0 and "the wait returned" not in out
     assert ended - waited < 2 + 15, ended - waited
     assert "Timeout (0:00:12)!" in out and "most recent call first" in out
+
+
+class _FakeComm:
+    def __init__(self, rank, size):
+        self.rank, self.size = rank, size
+
+    def Get_rank(self):
+        return self.rank
+
+    def Get_size(self):
+        return self.size
+
+
+def test_heartbeat_peers():
+    assert watchdog.Watchdog(_FakeComm(1, 4), 10).peers == [0, 2, 3]
+    # Beyond 64 ranks: the ranks it shares a group with, else its ring neighbours.
+    assert watchdog.Watchdog(_FakeComm(5, 100), 10, neighbours=[5, 7, 55]).peers == [7, 55]
+    assert watchdog.Watchdog(_FakeComm(0, 100), 10).peers == [1, 99]
+    dog = watchdog.Watchdog(_FakeComm(0, 2), 10)
+    assert dog.beat_sec == 1.0 and dog.stale_sec == 5.0
+    assert watchdog.Watchdog(_FakeComm(0, 2), 4).beat_sec == 0.4

@@ -37,7 +37,9 @@ def local_size(comm: Any) -> int:
         return int(env)
     from mpi4py import MPI
 
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    with watchdog.current().waiting("splitting the world by node", "world",
+                                    tuple(range(comm.Get_size()))):
+        node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     try:
         return node.Get_size()
     finally:

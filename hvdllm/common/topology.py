@@ -82,6 +82,11 @@ class Topology:
             return tuple(self.rank_of(dp_rank, tp_rank, p) for p in range(self.pp))
         raise ValueError(f"unknown group kind {kind!r}; expected one of {GROUP_KINDS}")
 
+    def neighbours(self, rank: int) -> tuple[int, ...]:
+        """Every other rank that shares a dp, tp or pp group with ``rank``, sorted."""
+        peers = {r for kind in GROUP_KINDS for r in self.group_ranks(kind, rank)}
+        return tuple(sorted(peers - {rank}))
+
     def all_groups(self, kind: str) -> list[tuple[int, ...]]:
         """Every ``kind`` group, ordered by its smallest rank."""
         seen: dict[tuple[int, ...], None] = {}

@@ -15,7 +15,7 @@ inspector never runs.  The watchdog covers every wait the same way:
   one: only its peers, waiting on it, see their deadline pass.
 * **Peer heartbeats.** Once a second (``timeout_sec / 10`` if shorter) the
   thread sends a small message with its step and its current wait to every
-  other rank (to its dp, tp and pp peers above 64 ranks), on ``MPI
+  other rank (above 64 ranks: to its dp, tp and pp peers), on ``MPI
   COMM_WORLD`` with a reserved tag, and keeps the latest from each.  A
   frozen rank goes quiet; a rank stuck in its own code keeps beating but
   never waits.  That is how a waiting rank names the culprit.
@@ -142,12 +142,13 @@ class Watchdog:
         output_dir: where ``hang-rank-K.json`` goes (``$HVDLLM_HANG_DIR``, else
             the working directory, if None).
         history: communication events kept in the flight record.
-        peers: global ranks to exchange heartbeats with; all others by default
-            (up to 64 ranks; pass the dp/tp/pp peers beyond that).
+        neighbours: the ranks this one communicates with (its dp, tp and pp
+            peers).  Heartbeats go to every rank up to 64 ranks, and beyond
+            that to the neighbours only (the two ring neighbours if None).
     """
 
     def __init__(self, comm: Any, timeout_sec: float, *, output_dir: str | os.PathLike | None = None,
-                 history: int = 256, peers: Iterable[int] | None = None):
+                 history: int = 256, neighbours: Iterable[int] | None = None):
         self.comm = comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.timeout_sec = float(timeout_sec)
@@ -155,8 +156,12 @@ class Watchdog:
         self.recorder = FlightRecorder(history)
         self.beat_sec = min(1.0, self.timeout_sec / 10)
         self.stale_sec = min(max(5 * self.beat_sec, 3.0), self.timeout_sec / 2)
-        if peers is None:
-            peers = range(self.size) if self.size <= _ALL_PEERS_UP_TO else ()
+        if self.size <= _ALL_PEERS_UP_TO:
+            peers: Iterable[int] = range(self.size)
+        elif neighbours is not None:
+            peers = neighbours
+        else:
+            peers = ((self.rank - 1) % self.size, (self.rank + 1) % self.size)
         self.peers = sorted(set(int(p) for p in peers) - {self.rank})
         self.step = 0
         self.micro: int | None = None

@@ -108,7 +108,8 @@ def train(cfg: Config) -> TrainSummary:
     dog = None
     if cfg.parallel.watchdog:
         dog = Watchdog(comm, cfg.parallel.timeout_sec, output_dir=cfg.output.dir,
-                       history=cfg.parallel.flight_record).start()
+                       history=cfg.parallel.flight_record,
+                       neighbours=topology.neighbours(rank)).start()
     threads = threads_per_rank(comm)
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
