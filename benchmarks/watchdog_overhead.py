@@ -1,6 +1,6 @@
 """The hang watchdog's cost on the training path: steps with and without it.
 
-    python benchmarks/watchdog_overhead.py [--rounds 5] [--steps 210] [--frameworks torch,tensorflow]
+    python benchmarks/watchdog_overhead.py [--rounds 6] [--steps 210] [--frameworks torch,tensorflow]
         [--worlds 1,2]
 
 For each framework, a world-1 run (one process) and a dp=2 run (``mpirun -np
@@ -8,9 +8,11 @@ For each framework, a world-1 run (one process) and a dp=2 run (``mpirun -np
 ``parallel.watchdog = true`` and ``false``.  The step time is read from
 ``metrics.jsonl`` (``elapsed_sec`` between the 10th and the last step, so
 start-up and tracing are left out).  On and off alternate within each
-round, and their order flips every round, so drift on a shared machine
-falls on both; the ratio on/off is taken per round and the median over
-rounds is reported.  Target: at most 1.01 (1% overhead).
+round, and their order flips every round (the rounds must be even, so
+each order counts as often: the first run of a pair is measurably
+slower here), so drift on a shared machine falls on both; the ratio
+on/off is taken per round and the median over rounds is reported.
+Target: at most 1.01 (1% overhead).
 """
 from __future__ import annotations
 
@@ -57,11 +59,13 @@ def step_time(framework: str, world: int, watchdog: bool, steps: int, out: Path)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--steps", type=int, default=210)
     ap.add_argument("--frameworks", default="torch,tensorflow")
     ap.add_argument("--worlds", default="1,2", help="world sizes to run (dp = world)")
     args = ap.parse_args()
+    if args.rounds < 2 or args.rounds % 2:
+        raise SystemExit("--rounds must be even (each on/off order equally often)")
     if args.steps <= WARMUP_STEP:
         raise SystemExit(f"--steps must exceed {WARMUP_STEP}")
     cases = [(fw, int(world)) for fw in args.frameworks.split(",")

@@ -45,7 +45,7 @@ def _describe(dtype: Any, shape: Sequence[int]) -> str:
 
 def wait_requests(requests: list, what: str, deadline: float, *, op: str = "",
                   group: "Group | None" = None, peers: Sequence[int] | None = None,
-                  nbytes: int = 0) -> None:
+                  nbytes: int = 0, max_pause: float = 1e-3) -> None:
     """Poll MPI ``requests`` to completion with a short back-off, until ``deadline``.
 
     The wait is an event of the flight record (:mod:`hvdllm.common.watchdog`);
@@ -60,6 +60,7 @@ def wait_requests(requests: list, what: str, deadline: float, *, op: str = "",
         group: the group waited on (its kind and ranks are recorded).
         peers: global ranks waited for, when only some of the group's.
         nbytes: payload bytes, for the record.
+        max_pause: longest sleep between polls (the back-off starts at 1 us).
     """
     MPI = _mpi()
     wd = watchdog.current()
@@ -78,7 +79,7 @@ def wait_requests(requests: list, what: str, deadline: float, *, op: str = "",
                 wd.expired(event, message)
                 raise CommTimeoutError(message)
             time.sleep(pause)
-            pause = min(pause * 2, 1e-3)
+            pause = min(pause * 2, max_pause)
     finally:
         wd.end(event)
 

@@ -112,6 +112,8 @@ def train(cfg: Config) -> TrainSummary:
                        neighbours=topology.neighbours(rank)).start()
     threads = threads_per_rank(comm)
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
+    if dog is not None:
+        dog.restart()
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
     writer.write_config(to_toml(cfg))
     engine = engine_mod.build_engine(cfg, groups, threads=threads)

@@ -167,7 +167,8 @@ class StageLink:
         """Wait for ``requests`` on this link (a flight-record event) until ``deadline``."""
         peers = [peers] if isinstance(peers, int) else peers
         wait_requests(requests, what, deadline, op=op, group=self.group,
-                      peers=[self.group.ranks[p] for p in peers], nbytes=nbytes)
+                      peers=[self.group.ranks[p] for p in peers], nbytes=nbytes,
+                      max_pause=1e-4)  # stage hand-offs are on the critical path
 
     def check_tags(self, largest: int) -> None:
         """Raise unless schedule tags up to ``largest`` fit this MPI's tag range."""
