@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -26,16 +25,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from dp_depth import env  # the launch environment the other benchmarks use
+
 REPO = Path(__file__).resolve().parents[1]
 WARMUP_STEP = 10
-
-
-def env() -> dict[str, str]:
-    out = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
-    if os.geteuid() == 0:
-        out.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return out
 
 
 def step_time(framework: str, world: int, watchdog: bool, steps: int, out: Path) -> float:
