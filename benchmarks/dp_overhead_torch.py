@@ -85,7 +85,7 @@ class Engine2Side(_EngineSide):
         super().__init__(settings)
         self.ops["sync"] = self.sync
         # What-if for --diagnose: every gradient in one contiguous buffer, summed in place.
-        self.flat = torch.cat([p.grad.reshape(-1) for _, p in self.engine.sync.params])
+        self.flat = torch.cat([p.grad.reshape(-1) for _, p in self.engine.update.sync.params])
         self.ops["sync_flat"] = self.sync_flat
 
     def sync(self) -> None:
@@ -99,7 +99,7 @@ class Engine2Side(_EngineSide):
         buffers it makes: the hooks' path in training, minus the backward
         pass that hides part of it.
         """
-        self.engine.sync.wait()
+        self.engine.update.sync.wait()
 
     def sync_flat(self) -> None:
         """Not hvdllm's path: one in-place Horovod Sum over a single flat gradient buffer.
@@ -109,7 +109,7 @@ class Engine2Side(_EngineSide):
         out of bucket or fusion buffers and no separate scaling pass.
         Shown by ``--diagnose`` only.
         """
-        hvd = self.engine.sync.hvd
+        hvd = self.engine.update.sync.hvd
         hvd.synchronize(hvd.allreduce_async_(self.flat, op=hvd.Sum, name="bench.flat_grads",
                                              process_set=self.groups.dp.process_set))
 

@@ -130,7 +130,7 @@ def run_hvdllm() -> dict:
     # Idle share of each stage over all steps (warm-up included on both sides of the ratio).
     busy = comm.allgather((clock.compute, clock.pipeline))
     return {"times": times, "stage_bubble": [1 - c / p for c, p in busy],
-            "split": engine.pipeline_summary}
+            "split": engine.describe()[0]}
 
 
 def run_memory() -> dict:

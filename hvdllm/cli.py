@@ -109,6 +109,10 @@ def _report(exc: HvdllmError) -> int:
     rank = _world_rank()
     if type(exc).__name__ == "PeerSetupError":
         return EXIT_USAGE  # the rank that failed prints the reason
+    if type(exc).__name__ == "Preempted":  # not an error: the run stopped after a save
+        if rank == 0:
+            print(f"hvdllm: {exc}", file=sys.stderr, flush=True)
+        return int(getattr(exc, "exit_code", EXIT_USAGE))
     if rank == 0 or not getattr(exc, "all_ranks", True):
         prefix = "hvdllm: error: " if rank == 0 else f"hvdllm: error (rank {rank}): "
         print(prefix + str(exc), file=sys.stderr, flush=True)

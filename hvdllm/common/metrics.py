@@ -28,15 +28,40 @@ class MetricsWriter:
         self._fh: TextIO | None = None
         if enabled:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._fh = open(self.dir / "metrics.jsonl", "w", encoding="utf-8")
+
+    def open(self, keep_until: int | None = None) -> None:
+        """Start ``metrics.jsonl``: afresh, or (resuming) keeping records up to ``keep_until``.
+
+        A resumed run's file then reads as if the run had never stopped: the
+        records the interrupted run wrote after its checkpoint are dropped.
+        """
+        if not self.enabled or self._fh is not None:
+            return
+        path = self.dir / "metrics.jsonl"
+        kept: list[str] = []
+        if keep_until is not None and path.exists():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    break  # a line cut short by the crash, and everything after it
+                if isinstance(record, dict) and record.get("step", 0) <= keep_until:
+                    kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in kept)
+        os.replace(tmp, path)
+        self._fh = open(path, "a", encoding="utf-8")
 
     def write_config(self, toml_text: str) -> None:
         if self.enabled:
             (self.dir / "config.toml").write_text(toml_text, encoding="utf-8")
 
     def log(self, record: dict[str, Any]) -> None:
-        if self._fh is None:
+        if not self.enabled:
             return
+        if self._fh is None:
+            self.open()
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)
                  for k, v in record.items()}
         self._fh.write(json.dumps(clean) + "\n")

@@ -11,9 +11,11 @@ import tensorflow as tf
 from ..common import watchdog
 from ..common.config import Config
 from ..common.topology import ParallelGroups
+from ..common.train_checkpoint import CheckpointReader, RankState
 from .data_parallel import allreduce_gradients, broadcast_variables
 from .distributed import import_horovod
 from .models import GPT
+from .state import TensorFlowState
 
 
 def build_model(cfg: Config) -> GPT:
@@ -76,6 +78,9 @@ class TensorFlowEngine:
         # argument matching, a fixed cost that is visible on small models.
         self._traced: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
         self._traced_sync: tf.types.experimental.ConcreteFunction | None = None
+        self.state = TensorFlowState(self.variables, self.optimizer,
+                                     list(self.model.non_trainable_variables), groups.dp.rank,
+                                     groups.rank)
 
     def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, n: int) -> tuple[tf.Tensor, list]:
         """Loss of one micro-batch and the gradients of ``loss / n``."""
@@ -134,11 +139,20 @@ class TensorFlowEngine:
             self._traced_sync(grads, lr_t)
         return float(loss)
 
+    def describe(self) -> list[str]:
+        return []
+
+    def step_metrics(self) -> dict:
+        return {}
+
+    def capture_state(self) -> RankState:
+        return self.state.capture()
+
+    def restore_state(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
+        return self.state.restore(reader, same_layout)
+
     def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
         return self.model.generate(prompt, max_new_tokens, seed)
-
-    def parameter_checksum(self) -> float:
-        return float(sum(np.sum(v.numpy(), dtype=np.float64) for v in self.variables))
 
 
 def build_engine(cfg: Config, groups: ParallelGroups, threads: int) -> TensorFlowEngine:

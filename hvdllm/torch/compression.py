@@ -113,6 +113,8 @@ class GradientCompressor:
     """
 
     mode = "none"
+    #: Steps taken (compressors with a schedule or warm-up count them).
+    steps: int = 0
 
     def __init__(self, group: Group, hvd: Any):
         self.group = group
@@ -166,6 +168,28 @@ class GradientCompressor:
 
     def _reduce(self, tensors: list[torch.Tensor], names: list[str]) -> None:
         self._wait(self._allreduce_mean(tensors, "grads"))
+
+    # -- checkpoints --------------------------------------------------------
+    #: Per-tensor state dicts of this compressor (attribute names), saved by name.
+    _state_tables: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: ``steps`` and ``"TABLE/NAME"`` tensors (error feedback, Q)."""
+        out: dict[str, Any] = {"steps": int(self.steps)}
+        for table in self._state_tables:
+            for name, t in getattr(self, table).items():
+                out[f"{table}/{name}"] = t.detach().clone()
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned (on the same rank of the same layout)."""
+        self.steps = int(state.get("steps", 0))
+        for table in self._state_tables:
+            getattr(self, table).clear()
+        for key, t in state.items():
+            table, _, name = key.partition("/")
+            if table in self._state_tables:
+                getattr(self, table)[name] = torch.as_tensor(t).clone()
 
 
 class HalfPrecisionCompressor(GradientCompressor):
@@ -247,6 +271,7 @@ class TopKCompressor(GradientCompressor):
         self.warmup_steps = int(warmup_steps)
         self.steps = 0
         self.residuals: dict[str, torch.Tensor] = {}
+        self._state_tables = ("residuals",)
 
     def current_ratio(self) -> float:
         """The fraction sent at this step (``ratio`` once the warm-up is over)."""
@@ -333,6 +358,7 @@ class PowerSGDCompressor(GradientCompressor):
         self.steps = 0
         self.errors: dict[str, torch.Tensor] = {}
         self.qs: dict[str, torch.Tensor] = {}
+        self._state_tables = ("errors", "qs")
 
     def _reduce(self, tensors: list[torch.Tensor], names: list[str]) -> None:
         self.steps += 1

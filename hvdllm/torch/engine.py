@@ -9,12 +9,14 @@ import torch
 from ..common import watchdog
 from ..common.config import Config
 from ..common.topology import ParallelGroups
-from .data_parallel import GradientSync, broadcast_module
+from ..common.family import family_spec
+from ..common.train_checkpoint import CheckpointReader, RankState
+from .data_parallel import broadcast_module
 from .distributed import import_horovod
 from .models import GPT, CausalLM, GPTConfig, Llama, LlamaConfig
-from .pipeline import build_pipeline, gather_pipeline_state, plan_split
-from .tensor_parallel import (TensorParallelGroup, full_state_dict, parallelize,
-                              replicated_parameters)
+from .pipeline import PipelineExecutor, build_pipeline, plan_split
+from .state import TorchState
+from .tensor_parallel import TensorParallelGroup, parallelize, replicated_parameters
 from .update import GradientUpdate
 
 
@@ -22,18 +24,16 @@ def build_model(cfg: Config) -> CausalLM:
     """The full (unsharded) reference model for ``cfg.model``.
 
     Initialised from ``train.seed``, or loaded from ``model.init_from`` (a
-    Hugging Face directory as "hf:DIR", or an hvdllm checkpoint).
+    Hugging Face directory as "hf:DIR", or an hvdllm checkpoint).  With
+    ``parallel.recompute = "full"`` and no pipeline, every block is
+    recomputed in backward (the pipeline executor recomputes its chunks).
     """
+    from .models import model_from_config
+
     m = cfg.model
     torch.manual_seed(cfg.train.seed)
-    common = dict(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
-                  n_head=m.n_head, d_model=m.d_model, d_ff=m.ff_width, dropout=m.dropout,
-                  init_std=m.init_std, norm_eps=m.norm_eps)
-    if m.family == "llama":
-        model: CausalLM = Llama(LlamaConfig(n_kv_head=m.kv_heads, rope_theta=m.rope_theta,
-                                            **common))
-    else:
-        model = GPT(GPTConfig(**common))
+    model = model_from_config(m)
+    model.recompute = cfg.parallel.recompute == "full" and cfg.parallel.pp == 1
     if m.init_from:
         from .hf import init_from
 
@@ -60,58 +60,49 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
 class TorchEngine:
     """One rank's training step: TP-sharded model, DP gradient sync, AdamW.
 
-    Every rank builds the full model from ``train.seed``; with tp > 1 each
-    rank then keeps its slices of it (:func:`parallelize`), so any tp starts
-    from the weights of tp=1.  Gradient accumulation: each micro-batch's
-    loss is scaled by 1/accum_steps and back-propagated; only the last
-    micro-batch's backward starts the (overlapped) DP allreduce, so
-    accumulation costs no DP traffic.  Under sequence parallelism the
+    Built by :func:`build_engine`.  Gradient accumulation: each
+    micro-batch's loss is scaled by 1/accum_steps and back-propagated; only
+    the last micro-batch's backward starts the (overlapped) DP allreduce,
+    so accumulation costs no DP traffic.  Under sequence parallelism the
     replicated parameters (norms, biases, positions) saw only part of the
     sequence on each rank, so their gradients are summed over TP.
 
-    With pp > 1 the split is chosen on the full model (``parallel.partition``),
-    tensor parallelism is applied, and then the rank keeps only its stage's
-    chunks (:mod:`hvdllm.torch.pipeline`).  A step walks the stage's
-    schedule over the same micro-batches; the backwards of the last
-    micro-batch run inside the DP sync block, and after the DP average and
-    the sequence-parallel reduce, GPT's tied embedding gradient is summed
-    across the first and last stages before the optimizer step.
+    With pp > 1 a step walks the stage's schedule over the same
+    micro-batches; the backwards of the last micro-batch run inside the DP
+    sync block, and after the DP average and the sequence-parallel reduce,
+    GPT's tied embedding gradient is summed across the first and last
+    stages before the optimizer step.
+
+    Args:
+        cfg: the run's config.
+        groups: this rank's groups.
+        model: this rank's model: sharded by :func:`parallelize` and, with
+            a pipeline, cut down to the stage's chunks.
+        tp: the tensor-parallel group.
+        pipeline: the stage's executor (None without pipelining).
+        update: gradient averaging, clipping and the optimizer step.
+        num_params: parameters of the full model.
+        log_lines: start-up log lines (the pipeline split).
     """
 
-    def __init__(self, cfg: Config, groups: ParallelGroups):
+    def __init__(self, cfg: Config, groups: ParallelGroups, model: CausalLM,
+                 tp: TensorParallelGroup, pipeline: PipelineExecutor | None,
+                 update: GradientUpdate, num_params: int, log_lines: list[str]):
         self.cfg = cfg
         self.groups = groups
-        hvd = import_horovod()
-        self.model = build_model(cfg)
-        self.num_params = sum(p.numel() for p in self.model.parameters())
-        self._param_names = [name for name, _ in self.model.named_parameters()]
-        split = plan_split(self.model, cfg, groups) if cfg.parallel.pp > 1 else None
-        self.tp = TensorParallelGroup(groups.tp, cfg.parallel.sequence_parallel, hvd=hvd)
-        parallelize(self.model, self.tp)
-        self.pipeline = None
-        self.pipeline_summary = None  # one line for the log: which layers each stage holds
-        if split is not None:
-            self.pipeline = build_pipeline(self.model, split, cfg, groups, self.tp)
-            self.pipeline_summary = split.describe(cfg.parallel.pp)
-        self._tp_replicated = (replicated_parameters(self.model)
-                               if self.tp.sequence_parallel else [])
-        broadcast_module(self.model, groups.dp, hvd)
-        self.update = GradientUpdate(self.model, build_optimizer(self.model, cfg), cfg, groups,
-                                     hvd)
-        self.last_step_info: dict = {}
+        self.model = model
+        self.tp = tp
+        self.pipeline = pipeline
+        self.update = update
+        self.num_params = num_params
+        self._log_lines = log_lines
+        self._tp_replicated = replicated_parameters(model) if tp.sequence_parallel else []
+        self._metrics: dict = {}
+        self.state = TorchState(model, update, groups, cfg.train.optimizer,
+                                family_spec(cfg.model))
 
-    @property
-    def optimizer(self) -> torch.optim.Optimizer:
-        return self.update.optimizer
-
-    @property
-    def sync(self) -> GradientSync | None:
-        """The overlapped DP allreduce (None under compression or ZeRO-1)."""
-        return self.update.sync
-
-    @sync.setter
-    def sync(self, value: GradientSync) -> None:
-        self.update.sync = value
+    def describe(self) -> list[str]:
+        return list(self._log_lines)
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
@@ -136,8 +127,17 @@ class TorchEngine:
         self.tp.all_reduce_grads(self._tp_replicated)
         if self.pipeline is not None:
             self.pipeline.reduce_tied_grads()
-        self.last_step_info = self.update.apply(lr).as_metrics()
+        self._metrics = self.update.apply(lr).as_metrics()
         return loss
+
+    def step_metrics(self) -> dict:
+        return self._metrics
+
+    def capture_state(self) -> RankState:
+        return self.state.capture()
+
+    def restore_state(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
+        return self.state.restore(reader, same_layout)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
         self.model.eval()
@@ -147,25 +147,33 @@ class TorchEngine:
         with self.tp.sequence_parallel_off():  # generation lengths need not divide by tp
             return model.generate(idx, max_new_tokens, generator=gen)[0].numpy()
 
-    def full_state(self) -> dict[str, np.ndarray]:
-        """The full (unsharded) parameters as float32 numpy arrays, by name.
-
-        Collective over the TP group (and the pipeline group with pp > 1,
-        where only the first stage gets every parameter); the checkpoint
-        writer uses it.
-        """
-        state = {name: t.float().cpu().numpy() for name, t in full_state_dict(self.model).items()}
-        if self.pipeline is not None:
-            state = gather_pipeline_state(state, self.pipeline, self._param_names)
-        return state
-
-    def parameter_checksum(self) -> float:
-        """Sum of this rank's parameters (its shards under tensor parallelism)."""
-        with torch.no_grad():
-            return float(sum(p.double().sum() for p in self.model.parameters()))
-
 
 def build_engine(cfg: Config, groups: ParallelGroups, threads: int) -> TorchEngine:
-    """Engine for ``hvdllm train``; ``threads`` is this rank's share of the node's cores."""
+    """The engine for ``hvdllm train``, built in the order of the design.
+
+    config -> model -> tensor parallelism (with sequence parallelism) ->
+    pipeline cut (with recompute) -> data-parallel start -> optimizer.
+    Every rank builds the full model from ``train.seed`` (or
+    ``model.init_from``) and keeps its slices of it, so any layout starts
+    from the weights of one process.
+
+    Args:
+        cfg: the run's config.
+        groups: this rank's groups.
+        threads: this rank's share of the node's cores.
+    """
     torch.set_num_threads(threads)
-    return TorchEngine(cfg, groups)
+    hvd = import_horovod()
+    model = build_model(cfg)  # the full reference model; recompute set for pp = 1
+    num_params = sum(p.numel() for p in model.parameters())
+    # The pipeline split is chosen on the full model ("balanced" measures it).
+    split = plan_split(model, cfg, groups) if cfg.parallel.pp > 1 else None
+    tp = TensorParallelGroup(groups.tp, cfg.parallel.sequence_parallel, hvd=hvd)
+    parallelize(model, tp)
+    pipeline, log_lines = None, []
+    if split is not None:
+        pipeline = build_pipeline(model, split, cfg, groups, tp)  # recompute per chunk
+        log_lines.append(split.describe(cfg.parallel.pp))
+    broadcast_module(model, groups.dp, hvd)
+    update = GradientUpdate(model, build_optimizer(model, cfg), cfg, groups, hvd)
+    return TorchEngine(cfg, groups, model, tp, pipeline, update, num_params, log_lines)

@@ -1,15 +1,18 @@
 """The contract between the shared training loop and a framework adapter.
 
 A framework adapter (``hvdllm.torch.engine``, ``hvdllm.tensorflow.engine``)
-provides a class with this interface.  The loop in :mod:`hvdllm.train.loop`
-owns data order, learning-rate schedule, logging and timing; the engine
+provides ``build_engine(cfg, groups, threads)`` returning an object with
+this interface.  The loop in :mod:`hvdllm.train.loop` owns data order,
+learning-rate schedule, logging, timing and checkpoint cadence; the engine
 owns the model, the optimizer and the gradient communication.
 """
 from __future__ import annotations
 
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import numpy as np
+
+from ..common.train_checkpoint import CheckpointReader, RankState
 
 
 class Engine(Protocol):
@@ -17,6 +20,9 @@ class Engine(Protocol):
 
     #: Number of model parameters (all shards together).
     num_params: int
+
+    def describe(self) -> list[str]:
+        """Lines for the start-up log beyond the common one (e.g. the pipeline split)."""
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
@@ -32,8 +38,29 @@ class Engine(Protocol):
             micro-batch's mean token cross-entropy.
         """
 
+    def step_metrics(self) -> dict[str, Any]:
+        """Extras of the last step for ``metrics.jsonl`` (``comm_bytes``, ``grad_norm``,
+        ``loss_scale`` and ``skipped`` with fp16); may be empty."""
+
+    def capture_state(self) -> RankState:
+        """Host copies of this rank's part of a training checkpoint.
+
+        Everything a later step reads: parameter shards, optimizer state,
+        loss scaler, compression state, random generator states.  Not
+        collective; the copies do not change when training goes on.
+        """
+
+    def restore_state(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
+        """Load this rank's part of a checkpoint, re-slicing logical tensors as needed.
+
+        Args:
+            reader: the checkpoint.
+            same_layout: it was written by the same framework at the same
+                dp x tp x pp; rank-private state is restored only then.
+
+        Returns:
+            Notes for the log (state that could not carry over).
+        """
+
     def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
         """Sample ``max_new_tokens`` tokens after ``prompt`` (1-D int array)."""
-
-    def parameter_checksum(self) -> float:
-        """Sum of all parameters, for checking that ranks stay in sync."""

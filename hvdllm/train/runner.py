@@ -33,6 +33,8 @@ from ..common.launch import check_launcher, threads_per_rank, world_comm
 from ..common.metrics import MetricsWriter
 from ..common.topology import Topology, describe
 from ..common.watchdog import Watchdog
+from ..common.train_checkpoint import check_writable
+from .checkpointing import Preempted, choose_resume
 from .loop import TrainSummary, run_training
 
 ADAPTERS = {"torch": "hvdllm.torch", "tensorflow": "hvdllm.tensorflow"}
@@ -73,22 +75,6 @@ def _load_adapter(framework: str) -> Any:
     return engine_mod, dist_mod
 
 
-def write_final_checkpoint(path: Path, cfg: Config, state: dict[str, np.ndarray]) -> Path:
-    """Write ``state`` to ``path``, replacing a previous run's checkpoint only once complete."""
-    from ..common.checkpoint import save_checkpoint
-
-    staging = path.with_name(f".{path.name}.new")
-    retired = path.with_name(f".{path.name}.old")
-    for leftover in (staging, retired):
-        shutil.rmtree(leftover, ignore_errors=True)
-    save_checkpoint(staging, cfg.model, state)
-    if path.exists():
-        os.replace(path, retired)
-    os.replace(staging, path)
-    shutil.rmtree(retired, ignore_errors=True)
-    return path
-
-
 def train(cfg: Config) -> TrainSummary:
     """Run ``hvdllm train`` for an already validated config."""
     comm = world_comm()
@@ -99,6 +85,7 @@ def train(cfg: Config) -> TrainSummary:
         topology = Topology(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp)
         topology.check_world_size(size)
         windows = TokenWindows(load_tokens(cfg.data.path), cfg.model.seq_len)
+        check_writable(cfg.output.dir)
         engine_mod, dist_mod = _load_adapter(cfg.train.framework)
     except HvdllmError as exc:
         error = exc
@@ -114,6 +101,15 @@ def train(cfg: Config) -> TrainSummary:
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
     if dog is not None:
         dog.restart()
+    resume = choose_resume(cfg, groups)
+    if resume.step >= cfg.train.steps:
+        if rank == 0:
+            print(f"hvdllm: this run already finished: {resume.path} is at step {resume.step} "
+                  f"of train.steps = {cfg.train.steps}; nothing to do", flush=True)
+        if dog is not None:
+            dog.stop()
+        return TrainSummary(steps=resume.step, first_step=resume.step + 1,
+                            checkpoint=str(resume.path))
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
     writer.write_config(to_toml(cfg))
     engine = engine_mod.build_engine(cfg, groups, threads=threads)
@@ -123,26 +119,30 @@ def train(cfg: Config) -> TrainSummary:
               f"{topology.pp}; {cfg.grad_accum_steps} accumulation step(s) of "
               f"{cfg.train.micro_batch_size} sequences; corpus {len(windows.tokens):,} tokens",
               flush=True)
-        if getattr(engine, "pipeline_summary", None):
-            print(f"hvdllm: {engine.pipeline_summary}", flush=True)
+        for line in engine.describe():
+            print(f"hvdllm: {line}", flush=True)
     if os.environ.get("HVDLLM_VERBOSE"):
         print(f"hvdllm: {describe(topology, rank)}", flush=True)
     try:
-        summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0)
+        summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0,
+                               resume=resume)
+    except Preempted as exc:
+        exc.agreed = exc.all_ranks = True  # type: ignore[attr-defined]
+        if dog is not None:
+            dog.stop()
+        raise
     finally:
         writer.close()
-    if cfg.output.checkpoint and hasattr(engine, "full_state"):
-        state = engine.full_state()  # collective: every rank takes part
-        if rank == 0:
-            path = write_final_checkpoint(Path(cfg.output.dir) / "checkpoint", cfg, state)
-            print(f"hvdllm: checkpoint in {path} (hvdllm convert --to-hf {path} --out DIR)",
-                  flush=True)
     if dog is not None:
         dog.stop()
     if rank == 0:
         losses = summary.losses
-        print(f"hvdllm: done {summary.steps} steps in {summary.elapsed_sec:.1f}s; loss "
-              f"{losses[0]:.4f} -> {losses[-1]:.4f}; metrics in {cfg.output.dir}/metrics.jsonl",
+        if summary.checkpoint:
+            print(f"hvdllm: checkpoint in {summary.checkpoint} (hvdllm convert --to-hf "
+                  f"{summary.checkpoint} --out DIR)", flush=True)
+        loss_text = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+        print(f"hvdllm: done steps {summary.first_step}-{summary.steps} in "
+              f"{summary.elapsed_sec:.1f}s{loss_text}; metrics in {cfg.output.dir}/metrics.jsonl",
               flush=True)
         if summary.sample_text:
             print("hvdllm: sample:\n" + summary.sample_text, flush=True)

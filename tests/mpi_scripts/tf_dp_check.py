@@ -44,6 +44,6 @@ def inner_ops(graph_def):
 assert horovod_ops(accumulate_def.node) == [] and inner_ops(accumulate_def) == []
 assert horovod_ops(sync_def.node) == ["HorovodAllreduce"], horovod_ops(sync_def.node)
 assert inner_ops(sync_def) == [], inner_ops(sync_def)
-checksums = comm.allgather(eng.parameter_checksum())
+checksums = comm.allgather(float(sum(np.sum(v.numpy(), dtype=np.float64) for v in eng.variables)))
 assert len(set(checksums)) == 1, checksums
 print(f"rank {rank}: tensorflow dp checks passed", flush=True)

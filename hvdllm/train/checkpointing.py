@@ -1,0 +1,228 @@
+"""Checkpoints in a run: choosing where to resume, periodic saves, preemption.
+
+* :func:`choose_resume` (collective): rank 0 picks the checkpoint named by
+  ``train.resume`` (falling back past damaged ones with a warning) and
+  every rank gets its decision;
+* :class:`RunCheckpoints`: restores a run from it, saves every
+  ``output.checkpoint_every`` steps in the background and at the end, and
+  turns SIGTERM / SIGUSR1 into "finish this step, save, exit" on every rank
+  together.
+"""
+from __future__ import annotations
+
+import dataclasses
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..common.config import Config
+from ..common.errors import CheckpointError, HvdllmError
+from ..common.topology import ParallelGroups
+from ..common.train_checkpoint import (CHECKPOINTS, CheckpointManager, CheckpointReader,
+                                       list_checkpoints, model_differences, newest_usable,
+                                       remove_staging)
+
+#: Exit status after a preemption save: the run is not finished; rerun it to continue.
+EXIT_PREEMPTED = 75
+_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class Preempted(HvdllmError):
+    """The run stopped on a signal after saving a checkpoint."""
+
+    exit_code = EXIT_PREEMPTED
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where a run starts: ``path`` None means from scratch."""
+
+    path: Path | None = None
+    manifest: dict | None = None
+    step: int = 0
+
+
+def _pick(cfg: Config) -> tuple[str, Any]:
+    """Rank 0's decision: ("fresh", None) | ("resume", path) | ("error", message)."""
+    out = Path(cfg.output.dir)
+    root = out / CHECKPOINTS
+    remove_staging(root)
+    mode = cfg.train.resume
+    if mode == "never":
+        return ("fresh", None)
+    if mode == "auto":
+        if not list_checkpoints(root):
+            return ("fresh", None)
+        found = newest_usable(root)
+        if found is None:
+            return ("error", f"no usable checkpoint in {root}: every one is damaged (see the "
+                             f"warnings above); remove them or set train.resume = \"never\"")
+        return ("resume", str(found[0]))
+    path = Path(mode).expanduser()
+    if not path.exists():
+        return ("error", f"train.resume: no checkpoint at {mode}")
+    found = newest_usable(path)
+    if found is None:
+        return ("error", f"train.resume: no usable checkpoint at {mode}")
+    return ("resume", str(found[0]))
+
+
+def choose_resume(cfg: Config, groups: ParallelGroups) -> ResumePoint:
+    """The checkpoint this run starts from (collective over the world).
+
+    Raises:
+        CheckpointError: on every rank, when ``train.resume`` names nothing
+            usable or the checkpoint's model differs from the config.
+    """
+    decision: tuple[str, Any] = ("fresh", None)
+    if groups.world.rank == 0:
+        try:
+            decision = _pick(cfg)
+        except (OSError, HvdllmError) as exc:
+            decision = ("error", str(exc))
+    kind, value = groups.world.broadcast_object(decision, root=0)
+    error = None
+    if kind == "error":
+        error = CheckpointError(value)
+    elif kind == "resume":
+        path = Path(value)
+        manifest = CheckpointReader(path).manifest
+        diffs = model_differences(manifest["config"]["model"], dataclasses.asdict(cfg.model))
+        if not diffs:
+            return ResumePoint(path, manifest, int(manifest["step"]))
+        error = CheckpointError(f"checkpoint {path} is of a different model: "
+                                + "; ".join(diffs))
+    if error is not None:
+        error.agreed = error.all_ranks = True  # type: ignore[attr-defined]
+        raise error
+    return ResumePoint()
+
+
+def same_layout(manifest: dict, cfg: Config) -> bool:
+    topo = manifest["topology"]
+    return (manifest.get("framework") == cfg.train.framework
+            and (topo["dp"], topo["tp"], topo["pp"]) == (cfg.parallel.dp, cfg.parallel.tp,
+                                                          cfg.parallel.pp))
+
+
+class _StopRequest:
+    """SIGTERM / SIGUSR1 set a flag; the loop acts on it between steps."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in _SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal_name = signal.Signals(signum).name
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+class RunCheckpoints:
+    """Resume, periodic and final saves, and preemption for one run.
+
+    Args:
+        cfg: the run's config.
+        groups: this rank's groups.
+        engine: the framework engine (see :class:`hvdllm.train.engine.Engine`).
+        sampler: the data sampler (its state is the data position).
+    """
+
+    def __init__(self, cfg: Config, groups: ParallelGroups, engine: Any, sampler: Any):
+        self.cfg = cfg
+        self.groups = groups
+        self.engine = engine
+        self.sampler = sampler
+        o = cfg.output
+        self.every = o.checkpoint_every
+        topo = groups.topology
+        self.manager = CheckpointManager(
+            o.dir, groups.world.comm, o.keep_checkpoints, cfg.to_dict(),
+            {"dp": topo.dp, "tp": topo.tp, "pp": topo.pp, "world": topo.world_size},
+            cfg.train.framework, cfg.parallel.timeout_sec)
+        self.stop = _StopRequest()
+        self.last_saved = -1
+        self._closed = False
+
+    # -- start ------------------------------------------------------------
+    def restore(self, point: ResumePoint) -> int:
+        """Load ``point`` into the engine and the sampler; returns the step to continue after."""
+        if point.path is None:
+            return 0
+        reader = CheckpointReader(point.path, point.manifest)
+        layout = same_layout(point.manifest, self.cfg)
+        notes = self.engine.restore_state(reader, layout)
+        self.sampler.load_state_dict(reader.shared["data"])
+        self.last_saved = point.step
+        if self.groups.world.rank == 0:
+            topo = point.manifest["topology"]
+            how = "" if layout else (f" (saved at dp {topo['dp']} x tp {topo['tp']} x pp "
+                                     f"{topo['pp']}, resharded)")
+            print(f"hvdllm: resuming from {point.path} at step {point.step}{how}", flush=True)
+            for note in notes:
+                print(f"hvdllm: note: {note}", flush=True)
+        return point.step
+
+    def start(self) -> None:
+        self.stop.install()
+
+    # -- during training --------------------------------------------------
+    def _save(self, step: int, blocking: bool) -> Path | None:
+        state = self.engine.capture_state()
+        state.shared["step"] = step
+        state.shared["data"] = self.sampler.state_dict()
+        path = self.manager.save(step, state, blocking=blocking)
+        self.last_saved = step
+        return path
+
+    def after_step(self, step: int) -> None:
+        """Save when due; on a stop signal (on any rank) save and raise :class:`Preempted`."""
+        flag = 1 if self.stop.signal_name else 0
+        if self.groups.world.size > 1:
+            flag = int(self.groups.world.allreduce(np.array([flag], np.int64), "max")[0])
+        if flag:
+            path = self._save(step, blocking=True)
+            what = self.stop.signal_name or "a signal on another rank"
+            raise Preempted(f"stopped by {what} after step {step}; checkpoint in {path}; rerun "
+                            f"the same command to continue")
+        if self.every and step % self.every == 0 and step < self.cfg.train.steps:
+            self._save(step, blocking=False)
+
+    def finish(self, step: int) -> Path | None:
+        """Write the final checkpoint (when enabled) and wait for every save to commit."""
+        path = None
+        try:
+            if self.cfg.output.checkpoint and self.last_saved != step:
+                path = self._save(step, blocking=True)
+            else:
+                path = self.manager.wait() or None
+        finally:
+            self.close()
+        return path
+
+    def close(self, wait: bool = True) -> None:
+        """Restore the signal handlers; with ``wait``, let the save in flight commit."""
+        self.stop.uninstall()
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self.manager.close(wait=wait)
+        except CheckpointError as exc:
+            print(f"hvdllm: {exc}", file=sys.stderr, flush=True)
+
