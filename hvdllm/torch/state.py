@@ -70,7 +70,11 @@ class TorchState:
         return True
 
     def _piece(self, p: torch.Tensor, kind: str, flat: tuple[int, int] | None = None) -> Piece:
-        return Piece(self.logical[id(p)], kind, self.splits[id(p)], self.tp_rank, self.tp_size,
+        split = self.splits[id(p)]
+        # A replicated tensor is whole on every TP rank: its piece is TP rank 0 of 1.
+        rank, size = ((0, 1) if split["kind"] == "replicated"
+                      else (self.tp_rank, self.tp_size))
+        return Piece(self.logical[id(p)], kind, split, rank, size,
                      flat, tuple(p.shape) if flat is not None else None)
 
     # -- capture ------------------------------------------------------------
