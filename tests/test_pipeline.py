@@ -68,7 +68,7 @@ def train(family: str, n_layer: int, dp: int, tp: int, pp: int, schedule: str = 
         res = run_ok(cmd, timeout=500)
         records = read_metrics(out)
         assert [r["step"] for r in records] == list(range(1, STEPS + 1))
-        _, weights = load_checkpoint(out / "checkpoint")
+        _, weights = load_checkpoint(out)
         _cache[key] = {"losses": np.array([r["loss"] for r in records]), "weights": weights,
                        "stdout": res.stdout, "stderr": res.stderr,
                        "sample": res.stdout.partition("hvdllm: sample:\n")[2]}

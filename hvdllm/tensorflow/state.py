@@ -22,24 +22,29 @@ from ..common.errors import CheckpointError
 from ..common.train_checkpoint import CheckpointReader, Piece, RankState
 
 _RULES = [
-    (re.compile(r"^gpt/token_embedding/embeddings$"), "wte.weight", False),
-    (re.compile(r"^gpt/position_embedding/embeddings$"), "wpe.weight", False),
-    (re.compile(r"^gpt/block_(\d+)/(ln_1|ln_2)/gamma$"), r"blocks.\1.\2.weight", False),
-    (re.compile(r"^gpt/block_(\d+)/(ln_1|ln_2)/beta$"), r"blocks.\1.\2.bias", False),
-    (re.compile(r"^gpt/block_(\d+)/(attn|mlp)/(qkv|proj|fc)/kernel$"), r"blocks.\1.\2.\3.weight",
+    (re.compile(r"^token_embedding/embeddings$"), "wte.weight", False),
+    (re.compile(r"^position_embedding/embeddings$"), "wpe.weight", False),
+    (re.compile(r"^block_(\d+)/(ln_1|ln_2)/gamma$"), r"blocks.\1.\2.weight", False),
+    (re.compile(r"^block_(\d+)/(ln_1|ln_2)/beta$"), r"blocks.\1.\2.bias", False),
+    (re.compile(r"^block_(\d+)/(attn|mlp)/(qkv|proj|fc)/kernel$"), r"blocks.\1.\2.\3.weight",
      True),
-    (re.compile(r"^gpt/block_(\d+)/(attn|mlp)/(qkv|proj|fc)/bias$"), r"blocks.\1.\2.\3.bias",
+    (re.compile(r"^block_(\d+)/(attn|mlp)/(qkv|proj|fc)/bias$"), r"blocks.\1.\2.\3.bias",
      False),
-    (re.compile(r"^gpt/ln_f/gamma$"), "ln_f.weight", False),
-    (re.compile(r"^gpt/ln_f/beta$"), "ln_f.bias", False),
+    (re.compile(r"^ln_f/gamma$"), "ln_f.weight", False),
+    (re.compile(r"^ln_f/beta$"), "ln_f.bias", False),
 ]
 
 
 def logical_name(path: str) -> tuple[str, bool]:
-    """The logical tensor of Keras variable ``path`` and whether it is stored transposed."""
+    """The logical tensor of Keras variable ``path`` and whether it is stored transposed.
+
+    The first component (the model's name: "gpt", or "gpt_2" for a second
+    model in one process) is not part of the logical name.
+    """
+    inner = path.split("/", 1)[-1]
     for pattern, name, transpose in _RULES:
-        if pattern.match(path):
-            return pattern.sub(name, path), transpose
+        if pattern.match(inner):
+            return pattern.sub(name, inner), transpose
     raise CheckpointError(f"no logical tensor for the Keras variable {path}")
 
 
