@@ -483,7 +483,8 @@ class CheckpointManager:
             return None
         from . import watchdog
 
-        with watchdog.current().waiting("checkpoint commit", "world", [], nbytes=0):
+        ranks = list(range(self.comm.Get_size()))
+        with watchdog.current().waiting("checkpoint commit", "world", ranks):
             thread.join(self.timeout_sec * 2 + 60)
         if thread.is_alive():
             raise CheckpointError(f"checkpoint save into {self.root} did not finish within "

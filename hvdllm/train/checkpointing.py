@@ -14,11 +14,13 @@ import dataclasses
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..common.comm import wait_requests
 from ..common.config import Config
 from ..common.errors import CheckpointError, HvdllmError
 from ..common.topology import ParallelGroups
@@ -158,6 +160,7 @@ class RunCheckpoints:
         self.stop = _StopRequest()
         self.last_saved = -1
         self._closed = False
+        self._flag_comm = groups.world.comm.Dup() if groups.world.size > 1 else None
 
     # -- start ------------------------------------------------------------
     def restore(self, point: ResumePoint) -> int:
@@ -190,12 +193,33 @@ class RunCheckpoints:
         self.last_saved = step
         return path
 
+    def _any_rank_stopping(self) -> bool:
+        """Whether a stop signal reached any rank (collective, once per step).
+
+        The ranks have just synchronised in the step, so the agreement
+        usually completes at once: it is polled without pausing for a
+        moment (a few microseconds), then with the usual bounded wait.
+        """
+        flag = 1 if self.stop.signal_name else 0
+        if self.groups.world.size == 1:
+            return bool(flag)
+        from mpi4py import MPI
+
+        send, recv = np.array([flag], np.int64), np.zeros(1, np.int64)
+        req = self._flag_comm.Iallreduce(send, recv, MPI.MAX)
+        spin_until = time.perf_counter() + 2e-3
+        while time.perf_counter() < spin_until:
+            if req.Test():
+                return bool(recv[0])
+        world = self.groups.world
+        wait_requests([req], f"stop-signal agreement on the world group after "
+                             f"{world.timeout_sec:g}s", time.monotonic() + world.timeout_sec,
+                      op="stop-signal agreement", group=world)
+        return bool(recv[0])
+
     def after_step(self, step: int) -> None:
         """Save when due; on a stop signal (on any rank) save and raise :class:`Preempted`."""
-        flag = 1 if self.stop.signal_name else 0
-        if self.groups.world.size > 1:
-            flag = int(self.groups.world.allreduce(np.array([flag], np.int64), "max")[0])
-        if flag:
+        if self._any_rank_stopping():
             path = self._save(step, blocking=True)
             what = self.stop.signal_name or "a signal on another rank"
             raise Preempted(f"stopped by {what} after step {step}; checkpoint in {path}; rerun "
@@ -225,4 +249,6 @@ class RunCheckpoints:
             self.manager.close(wait=wait)
         except CheckpointError as exc:
             print(f"hvdllm: {exc}", file=sys.stderr, flush=True)
+        if self._flag_comm is not None:
+            self._flag_comm.Free()
 
