@@ -37,6 +37,7 @@ import numpy as np
 
 from .config import ModelConfig, _toml_value, build_config
 from .errors import CheckpointError, ConfigError
+from .family import family_spec
 
 TENSORS_FILE = "model.safetensors"
 CONFIG_FILE = "model.toml"
@@ -51,40 +52,15 @@ Shape = tuple[int, ...]
 
 
 def parameter_shapes(cfg: ModelConfig) -> dict[str, Shape]:
-    """Name -> shape of every stored parameter of the reference model for ``cfg``.
+    """Name -> shape of every stored parameter of the reference model for ``cfg``, in model order.
 
-    GPT's tied ``lm_head.weight`` is left out (it is ``wte.weight``).
+    Tied tensors are left out (GPT's ``lm_head.weight`` is ``wte.weight``);
+    the names and shapes come from :func:`hvdllm.common.family.family_spec`.
 
     Args:
         cfg: the model section of a config.
     """
-    d, ff, v = cfg.d_model, cfg.ff_width, cfg.vocab_size
-    shapes: dict[str, Shape] = {}
-    if cfg.family == "gpt":
-        shapes["wte.weight"] = (v, d)
-        shapes["wpe.weight"] = (cfg.seq_len, d)
-        for i in range(cfg.n_layer):
-            p = f"blocks.{i}."
-            for norm in ("ln_1", "ln_2"):
-                shapes[p + norm + ".weight"] = shapes[p + norm + ".bias"] = (d,)
-            shapes[p + "attn.qkv.weight"], shapes[p + "attn.qkv.bias"] = (3 * d, d), (3 * d,)
-            shapes[p + "attn.proj.weight"], shapes[p + "attn.proj.bias"] = (d, d), (d,)
-            shapes[p + "mlp.fc.weight"], shapes[p + "mlp.fc.bias"] = (ff, d), (ff,)
-            shapes[p + "mlp.proj.weight"], shapes[p + "mlp.proj.bias"] = (d, ff), (d,)
-        shapes["ln_f.weight"] = shapes["ln_f.bias"] = (d,)
-        return shapes
-    kv = cfg.kv_heads * (d // cfg.n_head)
-    shapes["tok_emb.weight"] = (v, d)
-    for i in range(cfg.n_layer):
-        p = f"blocks.{i}."
-        shapes[p + "attn_norm.weight"] = shapes[p + "mlp_norm.weight"] = (d,)
-        shapes[p + "attn.wq.weight"], shapes[p + "attn.wo.weight"] = (d, d), (d, d)
-        shapes[p + "attn.wk.weight"] = shapes[p + "attn.wv.weight"] = (kv, d)
-        shapes[p + "mlp.w_gate.weight"] = shapes[p + "mlp.w_up.weight"] = (ff, d)
-        shapes[p + "mlp.w_down.weight"] = (d, ff)
-    shapes["norm.weight"] = (d,)
-    shapes["lm_head.weight"] = (v, d)
-    return shapes
+    return family_spec(cfg).shapes()
 
 
 def _fmt(shape: Shape) -> str:
@@ -117,19 +93,21 @@ def check_tensors(found: Mapping[str, Shape], expected: Mapping[str, Shape], whe
 
 
 def drop_tied_head(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """``tensors`` without GPT's tied ``lm_head.weight`` (which must equal ``wte.weight``).
+    """``tensors`` without tied tensors (GPT's ``lm_head.weight``, which must equal ``wte.weight``).
 
     Args:
-        cfg: the model section; only gpt has a tied head.
+        cfg: the model section; its family says which tensors are tied.
         tensors: hvdllm-named tensors, e.g. a full state dict.
     """
     out = dict(tensors)
-    if cfg.family == "gpt" and "lm_head.weight" in out:
-        head = out.pop("lm_head.weight")
-        wte = out.get("wte.weight")
-        if wte is None or not np.array_equal(head, wte):
-            raise CheckpointError("gpt's lm_head.weight is tied to wte.weight, but the tensors "
-                                  "given differ (or wte.weight is missing)")
+    for name, source in family_spec(cfg).ties.items():
+        if name not in out:
+            continue
+        tied = out.pop(name)
+        kept = out.get(source)
+        if kept is None or not np.array_equal(tied, kept):
+            raise CheckpointError(f"{cfg.family}'s {name} is tied to {source}, but the tensors "
+                                  f"given differ (or {source} is missing)")
     return out
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError, NotImplementedYetError
+from .family import default_d_ff
 
 FRAMEWORKS = ("torch", "tensorflow")
 MODEL_FAMILIES = ("gpt", "llama")
@@ -87,13 +88,6 @@ class ModelConfig:
     def ff_width(self) -> int:
         """MLP hidden width actually used (d_ff, or the family default)."""
         return self.d_ff or default_d_ff(self.family, self.d_model)
-
-
-def default_d_ff(family: str, d_model: int) -> int:
-    """The family's default MLP width: 4*d for gpt, 8/3*d rounded up to 64 for llama."""
-    if family == "llama":
-        return 64 * math.ceil(8 * d_model / 3 / 64)
-    return 4 * d_model
 
 
 @dataclass

@@ -36,62 +36,26 @@ from .checkpoint import (Shape, atomic_directory, check_tensors, drop_tied_head,
                          write_safetensors, write_text_synced)
 from .config import ModelConfig
 from .errors import CheckpointError
+from .family import FAMILIES, family_spec
 
 HF_CONFIG_FILE = "config.json"
 HF_WEIGHTS_FILE = "model.safetensors"
 HF_INDEX_FILE = "model.safetensors.index.json"
 
-# Per-layer names: hvdllm suffix, Hugging Face suffix, stored transposed in HF.
-_GPT2_LAYER = [
-    ("ln_1.weight", "ln_1.weight", False), ("ln_1.bias", "ln_1.bias", False),
-    ("attn.qkv.weight", "attn.c_attn.weight", True), ("attn.qkv.bias", "attn.c_attn.bias", False),
-    ("attn.proj.weight", "attn.c_proj.weight", True),
-    ("attn.proj.bias", "attn.c_proj.bias", False),
-    ("ln_2.weight", "ln_2.weight", False), ("ln_2.bias", "ln_2.bias", False),
-    ("mlp.fc.weight", "mlp.c_fc.weight", True), ("mlp.fc.bias", "mlp.c_fc.bias", False),
-    ("mlp.proj.weight", "mlp.c_proj.weight", True), ("mlp.proj.bias", "mlp.c_proj.bias", False),
-]
-_GPT2_GLOBAL = [
-    ("wte.weight", "transformer.wte.weight"), ("wpe.weight", "transformer.wpe.weight"),
-    ("ln_f.weight", "transformer.ln_f.weight"), ("ln_f.bias", "transformer.ln_f.bias"),
-]
-_LLAMA_LAYER = [
-    ("attn_norm.weight", "input_layernorm.weight", False),
-    ("attn.wq.weight", "self_attn.q_proj.weight", False),
-    ("attn.wk.weight", "self_attn.k_proj.weight", False),
-    ("attn.wv.weight", "self_attn.v_proj.weight", False),
-    ("attn.wo.weight", "self_attn.o_proj.weight", False),
-    ("mlp_norm.weight", "post_attention_layernorm.weight", False),
-    ("mlp.w_gate.weight", "mlp.gate_proj.weight", False),
-    ("mlp.w_up.weight", "mlp.up_proj.weight", False),
-    ("mlp.w_down.weight", "mlp.down_proj.weight", False),
-]
-_LLAMA_GLOBAL = [
-    ("tok_emb.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-]
-# Non-parameter buffers that some checkpoints carry; they hold nothing to load.
-_IGNORED = {
-    "gpt": re.compile(r"transformer\.h\.\d+\.attn\.(bias|masked_bias)"),
-    "llama": re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq"),
-}
+
+def _families() -> str:
+    return " and ".join(f"'{f.hf_model_type}'" for f in FAMILIES.values())
 
 
 def hf_names(cfg: ModelConfig) -> dict[str, tuple[str, bool]]:
     """hvdllm parameter name -> (Hugging Face name, stored transposed there).
 
+    The per-family tables live in :mod:`hvdllm.common.family`.
+
     Args:
         cfg: the model section; its family and n_layer decide the names.
     """
-    if cfg.family == "gpt":
-        layer, glob, prefix = _GPT2_LAYER, _GPT2_GLOBAL, "transformer.h."
-    else:
-        layer, glob, prefix = _LLAMA_LAYER, _LLAMA_GLOBAL, "model.layers."
-    names = {ours: (theirs, False) for ours, theirs in glob}
-    for i in range(cfg.n_layer):
-        for ours, theirs, transposed in layer:
-            names[f"blocks.{i}.{ours}"] = (f"{prefix}{i}.{theirs}", transposed)
-    return names
+    return family_spec(cfg).hf_names()
 
 
 def hf_shapes(cfg: ModelConfig) -> dict[str, Shape]:
@@ -168,6 +132,10 @@ def _llama_config(hf: Mapping[str, Any], where: str) -> dict[str, Any]:
                 norm_eps=hf.get("rms_norm_eps", 1e-6), rope_theta=_rope_theta(hf, where))
 
 
+# Hugging Face config.json -> [model] fields, per family.
+_CONFIG_READERS = {"gpt": _gpt2_config, "llama": _llama_config}
+
+
 def model_config_from_hf(hf: Mapping[str, Any], where: str = HF_CONFIG_FILE) -> ModelConfig:
     """The hvdllm model section equivalent to a Hugging Face ``config.json``.
 
@@ -176,14 +144,11 @@ def model_config_from_hf(hf: Mapping[str, Any], where: str = HF_CONFIG_FILE) -> 
         where: its path, for messages.
     """
     model_type = hf.get("model_type")
-    if model_type == "gpt2":
-        fields = _gpt2_config(hf, where)
-    elif model_type == "llama":
-        fields = _llama_config(hf, where)
-    else:
+    family = next((f.name for f in FAMILIES.values() if f.hf_model_type == model_type), None)
+    if family is None:
         raise CheckpointError(f"{where}: model_type {json.dumps(model_type)} is not supported; "
-                              f"hvdllm reads 'gpt2' and 'llama'")
-    return parse_model_config(fields, where)
+                              f"hvdllm reads {_families()}")
+    return parse_model_config(_CONFIG_READERS[family](hf, where), where)
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
@@ -222,20 +187,26 @@ def hf_to_hvdllm(cfg: ModelConfig, tensors: Mapping[str, np.ndarray],
         tensors: Hugging Face name -> array.
         where: the checkpoint's path, for messages.
     """
+    spec = family_spec(cfg)
+    family = spec.family
     # A GPT-2 saved from GPT2Model (as the original release was) lacks the prefix.
-    bare = cfg.family == "gpt" and not any(n.startswith("transformer.") for n in tensors)
+    prefix = family.hf_optional_prefix
+    bare = bool(prefix) and not any(n.startswith(prefix) for n in tensors)
+    unprefixed = {t.hf_name for t in spec if t.hf_name and not t.hf_name.startswith(prefix)}
+    ignored = re.compile(family.hf_ignored)
     found = {}
     for name, array in tensors.items():
-        if bare and name != "lm_head.weight":
-            name = "transformer." + name
-        if not _IGNORED[cfg.family].fullmatch(name):
+        if bare and name not in unprefixed:
+            name = prefix + name
+        if not ignored.fullmatch(name):
             found[name] = array
     expected = hf_shapes(cfg)
-    if cfg.family == "gpt" and "lm_head.weight" in found:  # tied: transformers ignores it
-        expected["lm_head.weight"] = expected["transformer.wte.weight"]
+    for t in spec:  # a tied tensor may be there too: transformers ignores it
+        if t.tied_to is not None and t.hf_name in found:
+            expected[t.hf_name] = expected[spec[t.tied_to].hf_name]
     check_tensors({k: v.shape for k, v in found.items()}, expected, where)
     return {ours: found[theirs].T if transposed else found[theirs]
-            for ours, (theirs, transposed) in hf_names(cfg).items()}
+            for ours, (theirs, transposed) in spec.hf_names().items()}
 
 
 def hvdllm_to_hf(cfg: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -18,6 +18,7 @@ import torch
 from ..common.checkpoint import check_tensors, load_checkpoint
 from ..common.config import ModelConfig
 from ..common.errors import CheckpointError
+from ..common.family import family_spec, get_family
 from ..common.hf import load_hf_checkpoint, save_hf_checkpoint
 
 HF_PREFIX = "hf:"
@@ -57,11 +58,12 @@ def config_mismatches(ckpt: ModelConfig, model: ModelConfig) -> list[str]:
     if not math.isclose(ckpt.norm_eps, model.norm_eps, rel_tol=1e-9):
         lines.append(f"model.norm_eps is {ckpt.norm_eps} in the checkpoint but {model.norm_eps} "
                      f"in the config")
-    if model.family == "llama" and not math.isclose(ckpt.rope_theta, model.rope_theta,
-                                                    rel_tol=1e-9):
+    positions = get_family(model.family).positions
+    if positions == "rotary" and not math.isclose(ckpt.rope_theta, model.rope_theta,
+                                                  rel_tol=1e-9):
         lines.append(f"model.rope_theta is {ckpt.rope_theta} in the checkpoint but "
                      f"{model.rope_theta} in the config")
-    if model.family == "gpt" and model.seq_len > ckpt.seq_len:
+    if positions == "learned" and model.seq_len > ckpt.seq_len:
         lines.append(f"model.seq_len is {ckpt.seq_len} in the checkpoint (its position "
                      f"embeddings) but {model.seq_len} in the config; use at most {ckpt.seq_len}")
     return lines
@@ -81,8 +83,9 @@ def init_from(model: torch.nn.Module, spec: str, model_cfg: ModelConfig) -> None
     if problems:
         raise CheckpointError(f"checkpoint {spec} does not fit the [model] config: "
                               + "; ".join(problems))
-    if model_cfg.family == "gpt":
-        tensors["wpe.weight"] = tensors["wpe.weight"][:model_cfg.seq_len]
+    for t in family_spec(model_cfg):
+        if t.role == "positions" and t.name in tensors:  # the leading positions are used
+            tensors[t.name] = tensors[t.name][:model_cfg.seq_len]
     params = dict(model.named_parameters())  # GPT's tied lm_head.weight appears as wte.weight
     check_tensors({k: v.shape for k, v in tensors.items()},
                   {k: tuple(p.shape) for k, p in params.items()}, f"checkpoint {spec}")

@@ -7,9 +7,14 @@ tensor parallelism can swap them for vocabulary-sharded versions (see
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from ...common.family import ModelSpec, family_spec
 
 
 class LMCrossEntropy(nn.Module):
@@ -38,11 +43,34 @@ class CausalLM(nn.Module):
 
     Subclasses split ``forward`` into ``embed(idx) -> x``,
     ``run_block(key, x) -> x`` for each key of ``self.blocks`` and
-    ``head(x) -> logits``, the pieces a pipeline stage may own.
+    ``head(x) -> logits``, the pieces a pipeline stage may own, and chain
+    the blocks with :meth:`run_blocks`.
+
+    Attributes:
+        recompute: checkpoint every block in :meth:`run_blocks` (keep only
+            its input for backward and run it again there).  The pipeline
+            executor recomputes whole chunks itself and leaves this off.
     """
 
     criterion: LMCrossEntropy
     max_seq_len: int
+    cfg: Any
+    recompute: bool = False
+
+    @property
+    def spec(self) -> ModelSpec:
+        """The model's family contract (names, shapes, splits, ties) for the full model."""
+        return family_spec(self.cfg)
+
+    def run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """Every block of ``self.blocks`` in order, each recomputed in backward if ``recompute``."""
+        recompute = self.recompute and torch.is_grad_enabled()
+        for key in self.blocks:
+            if recompute:
+                x = checkpoint(self.run_block, key, x, use_reentrant=False)
+            else:
+                x = self.run_block(key, x)
+        return x
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean cross-entropy of predicting ``targets`` (b, t) from ``idx`` (b, t)."""

@@ -12,29 +12,49 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ...common.config import ModelConfig
+from ...common.family import default_d_ff
 from .base import CausalLM, LMCrossEntropy
 
 
 @dataclass
 class GPTConfig:
+    family: ClassVar[str] = "gpt"
     vocab_size: int = 256
     seq_len: int = 64
     n_layer: int = 2
     n_head: int = 4
     d_model: int = 64
-    d_ff: int = 0  # 0 = 4 * d_model
+    d_ff: int = 0  # 0 = the family default, 4 * d_model
     dropout: float = 0.0
     init_std: float = 0.02
     norm_eps: float = 1e-5
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads: every query head has its own."""
+        return self.n_head
+
+    @property
     def ff_width(self) -> int:
-        return self.d_ff or 4 * self.d_model
+        return self.d_ff or default_d_ff(self.family, self.d_model)
+
+    @classmethod
+    def from_model_config(cls, m: ModelConfig) -> "GPTConfig":
+        """The reference model's config for a ``[model]`` section (d_ff resolved).
+
+        Args:
+            m: the model section; its family must be "gpt".
+        """
+        return cls(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
+                   n_head=m.n_head, d_model=m.d_model, d_ff=m.ff_width, dropout=m.dropout,
+                   init_std=m.init_std, norm_eps=m.norm_eps)
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,7 +143,4 @@ class GPT(CausalLM):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (b, t) -> logits (b, t, vocab)."""
-        x = self.embed(idx)
-        for key in self.blocks:
-            x = self.run_block(key, x)
-        return self.head(x)
+        return self.head(self.run_blocks(self.embed(idx)))

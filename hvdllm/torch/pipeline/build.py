@@ -20,7 +20,7 @@ from ..tensor_parallel import TensorParallelGroup
 from .executor import PipelineExecutor
 from .p2p import TensorSpec
 from .profile import profile_layer_costs
-from .stage import cut_stage, parameter_costs, tied_embedding
+from .stage import cut_stage, parameter_costs, tied_head
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,13 @@ def build_pipeline(model: CausalLM, split: PipelineSplit, cfg: Config, groups: P
     """
     m, p, t = cfg.model, cfg.parallel, cfg.train
     stage = groups.pp.rank
-    tied = tied_embedding(model)
+    tied = tied_head(model)  # (head name, embedding name) or None
     chunks = cut_stage(model, split.sizes, stage, p.pp)
     tied_weight = None
     if tied and any(c.first for c in chunks):
-        tied_weight = model.wte.weight
+        tied_weight = model.get_parameter(tied[1])
     elif tied and any(c.last for c in chunks):
-        tied_weight = model.lm_head.weight
+        tied_weight = model.get_parameter(tied[0])
         # The first stage's copy is the one gradient-norm clipping counts.
         tied_weight.hvdllm_pp_duplicate = True
     seq = m.seq_len // tp.size if tp.sequence_parallel else m.seq_len

@@ -22,13 +22,10 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from ...common.family import EMBEDDING, HEAD, ModelSpec
 from ...common.partition import LayerCosts, chunk_layers
 from ...common.schedules import global_chunk_index
-from ..models import GPT, CausalLM, Llama
-
-# Module names of the pieces around the blocks, per model family.
-_EMBEDDING = {GPT: ("wte", "wpe"), Llama: ("tok_emb",)}
-_HEAD = {GPT: ("ln_f", "lm_head"), Llama: ("norm", "lm_head")}
+from ..models import CausalLM
 
 
 @dataclass(frozen=True)
@@ -48,28 +45,38 @@ class Chunk:
     last: bool
 
 
-def _family(model: nn.Module) -> type:
-    for cls in _EMBEDDING:
-        if isinstance(model, cls):
-            return cls
-    raise TypeError(f"no pipeline layout for {type(model).__name__}; expected GPT or Llama")
+def _spec(model: nn.Module) -> ModelSpec:
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"no pipeline layout for {type(model).__name__}; expected GPT or Llama")
+    return model.spec
 
 
 def embedding_modules(model: CausalLM) -> tuple[str, ...]:
     """Names of the modules ``model.embed`` uses (they go on the first stage)."""
-    return _EMBEDDING[_family(model)]
+    return _spec(model).embedding_modules
 
 
 def head_modules(model: CausalLM) -> tuple[str, ...]:
     """Names of the modules ``model.head`` uses (they go on the last stage)."""
-    return _HEAD[_family(model)]
+    return _spec(model).head_modules
+
+
+def tied_head(model: CausalLM) -> tuple[str, str] | None:
+    """(head parameter, embedding parameter) names when the family ties them, else None.
+
+    With ``pp > 1`` the first stage holds the tie under the embedding's name
+    and the last under the head's.
+    """
+    spec = _spec(model)
+    for name, source in spec.ties.items():
+        if spec[name].section == HEAD and spec[source].section == EMBEDDING:
+            return name, source
+    return None
 
 
 def tied_embedding(model: CausalLM) -> bool:
     """True when the output head shares its weight with the token embedding."""
-    head = getattr(model, "lm_head", None)
-    emb = getattr(model, "wte", None)
-    return head is not None and emb is not None and head.weight is emb.weight
+    return tied_head(model) is not None
 
 
 def parameter_costs(model: CausalLM) -> LayerCosts:

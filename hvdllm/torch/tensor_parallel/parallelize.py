@@ -7,6 +7,10 @@ built with, and replaces the loss with the vocabulary-parallel one.
 Parameter names do not change (``blocks.0.attn.qkv.weight`` is still
 there, holding a shard), so optimizers, data-parallel sync and checkpoints
 address the same names at every tp.
+
+The plans are not written here: :func:`family_plan` reads them off the
+family contract (:mod:`hvdllm.common.family`), whose :class:`Split` of each
+tensor is exactly what the layer chosen for it holds.
 """
 from __future__ import annotations
 
@@ -16,7 +20,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from ..models import GPT, CausalLM, Llama
+from ...common.family import FAMILIES, Split, TensorRule, get_family
+from ..models import CausalLM
 from .layers import (ColumnParallelLinear, RowParallelLinear, SequenceParallelPositionEmbedding,
                      VocabParallelCrossEntropy, VocabParallelEmbedding, VocabParallelLMHead)
 from .mappings import TensorParallelGroup
@@ -51,35 +56,59 @@ def sequence_positions(m: nn.Module, tp: TensorParallelGroup) -> nn.Module:
     return SequenceParallelPositionEmbedding.from_dense(m, tp)
 
 
-GPT_PLAN: dict[str, Style] = {
-    "wte": vocab_embedding,
-    "wpe": sequence_positions,
-    "blocks.*.attn.qkv": colwise(parts=3),
-    "blocks.*.attn.proj": rowwise,
-    "blocks.*.mlp.fc": colwise(),
-    "blocks.*.mlp.proj": rowwise,
-    "lm_head": vocab_head,
-}
+def _style(rule: TensorRule) -> Style | None:
+    """The layer that holds ``rule``'s split (it is the first tensor of its module)."""
+    if rule.role == "positions":
+        return sequence_positions  # replicated, but only this rank's positions are looked up
+    if rule.split == "vocab":
+        return vocab_embedding if rule.role == "embedding" else vocab_head
+    if rule.split == "column":
+        return colwise(parts=rule.parts, shared_input=rule.shared_input)
+    if rule.split == "row":
+        return rowwise
+    return None
 
-LLAMA_PLAN: dict[str, Style] = {
-    "tok_emb": vocab_embedding,
-    "blocks.*.attn.wq": colwise(shared_input=True),
-    "blocks.*.attn.wk": colwise(shared_input=True),
-    "blocks.*.attn.wv": colwise(shared_input=True),
-    "blocks.*.attn.wo": rowwise,
-    "blocks.*.mlp.w_gate": colwise(shared_input=True),
-    "blocks.*.mlp.w_up": colwise(shared_input=True),
-    "blocks.*.mlp.w_down": rowwise,
-    "lm_head": vocab_head,
-}
+
+def family_plan(family: str) -> dict[str, Style]:
+    """Module path pattern -> style for every module a family's tensor-parallel splits touch.
+
+    Args:
+        family: "gpt" or "llama".
+    """
+    plan: dict[str, Style] = {}
+    seen = set()
+    for rule in get_family(family).rules:
+        module = rule.module_pattern
+        if module in seen:  # a module's first tensor (its weight) decides
+            continue
+        seen.add(module)
+        style = _style(rule)
+        if style is not None:
+            plan[module] = style
+    return plan
+
+
+PLANS: dict[str, dict[str, Style]] = {name: family_plan(name) for name in FAMILIES}
+GPT_PLAN: dict[str, Style] = PLANS["gpt"]
+LLAMA_PLAN: dict[str, Style] = PLANS["llama"]
 
 
 def plan_for(model: nn.Module) -> dict[str, Style]:
-    if isinstance(model, GPT):
-        return GPT_PLAN
-    if isinstance(model, Llama):
-        return LLAMA_PLAN
-    raise TypeError(f"no tensor-parallel plan for {type(model).__name__}")
+    """The tensor-parallel plan of ``model``'s family."""
+    if not isinstance(model, CausalLM):
+        raise TypeError(f"no tensor-parallel plan for {type(model).__name__}")
+    return PLANS[model.spec.family.name]
+
+
+def parameter_split(p: torch.Tensor) -> Split:
+    """The family-contract :class:`Split` a (possibly sharded) parameter's TP tags describe."""
+    if not getattr(p, "hvdllm_tp_sharded", False):
+        return Split.replicated()
+    if p.hvdllm_tp_full_rows is not None:
+        return Split.vocab(p.hvdllm_tp_full_rows)
+    if p.hvdllm_tp_dim == 0:
+        return Split.column(p.hvdllm_tp_parts)
+    return Split("row", p.hvdllm_tp_dim)
 
 
 def _set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
@@ -102,8 +131,11 @@ def parallelize(model: CausalLM, tp: TensorParallelGroup,
     if tp.size == 1:
         return model
     plan = plan or plan_for(model)
-    tied = (isinstance(getattr(model, "lm_head", None), nn.Linear)
-            and model.lm_head.weight is getattr(getattr(model, "wte", None), "weight", None))
+    spec = model.spec
+    problems = spec.tp_problems(tp.size)
+    if problems:
+        raise ValueError(f"{type(model).__name__} does not split over tp={tp.size}: "
+                         + "; ".join(problems))
     targets = [(path, style) for path, _ in model.named_modules() if path
                for pattern, style in plan.items() if fnmatch.fnmatchcase(path, pattern)]
     matched = {pattern for pattern in plan
@@ -114,9 +146,10 @@ def parallelize(model: CausalLM, tp: TensorParallelGroup,
                          f"{type(model).__name__}: {missing}")
     for path, style in targets:
         _set_submodule(model, path, style(model.get_submodule(path), tp))
-    if tied:
-        # One shard parameter serves both the embedding and the head.
-        model.lm_head.weight = model.wte.weight
+    for name, source in spec.ties.items():
+        # One shard parameter serves both (GPT: the embedding and the head).
+        module, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(module), leaf, model.get_parameter(source))
     model.criterion = VocabParallelCrossEntropy(model.criterion.vocab_size, tp)
     model.tensor_parallel = tp
     return model
