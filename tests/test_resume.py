@@ -271,3 +271,26 @@ def test_finished_run_says_so_and_exits_zero(tmp_path):
     run_ok(_cmd(1, out, [], steps=2), TIMEOUT)
     res = run_ok(_cmd(1, out, [], steps=2), TIMEOUT)
     assert "already finished" in res.stdout and "at step 2" in res.stdout
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.family=llama", "train.optimizer=sgd", "model.n_kv_head=2"],
+    ["train.precision=fp16", "train.grad_clip=0.5"],
+    ["train.compression=topk", "train.topk_ratio=0.1"],
+], ids=["llama-sgd", "fp16-clip", "topk"])
+def test_stop_and_continue_is_bitwise_exact_in_one_process(extra, tmp_path):
+    """Optimizer kinds, the fp16 loss scaler and error feedback carry over exactly."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    run_ok(_cmd(1, ref, extra, steps=8), TIMEOUT)
+    run_ok(_cmd(1, out, extra, steps=5), TIMEOUT)
+    res = run_ok(_cmd(1, out, extra, steps=8), TIMEOUT)
+    assert "at step 5" in res.stdout, res.stdout[-2000:]
+    assert _losses(ref) == _losses(out)
+    # Counters that steps read later (the loss scaler's clean-step count, the
+    # optimizer's step count) continue, rather than restart, after a resume.
+    shared = [json.loads((max(list_checkpoints(d / "checkpoints"))[1] / "manifest.json")
+                         .read_text())["shared"] for d in (ref, out)]
+    for key in ("loss_scale", "optimizer_steps", "data"):
+        assert shared[0].get(key) == shared[1].get(key), (key, shared)
+    ref_params, params = _final_params(ref), _final_params(out)
+    assert all(np.array_equal(ref_params[k], params[k]) for k in ref_params)
