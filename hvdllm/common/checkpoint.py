@@ -276,12 +276,25 @@ def save_checkpoint(path: str | Path, cfg: ModelConfig,
 def load_checkpoint(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray]]:
     """Read an hvdllm checkpoint directory: its model config and hvdllm-named tensors.
 
+    A training checkpoint (``output.dir/checkpoints/step-N``, or a run's
+    ``output.dir`` or ``checkpoints`` directory for its newest usable one)
+    is consolidated here: its shards are assembled into full tensors.
+
     Args:
         path: the checkpoint directory.
     """
+    from .train_checkpoint import consolidated_parameters, is_training_checkpoint
+
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} not found")
+    if not (path / CONFIG_FILE).is_file() and is_training_checkpoint(path):
+        model, tensors = consolidated_parameters(path)
+        cfg = parse_model_config({k: v for k, v in model.items() if k != "init_from"},
+                                 str(path))
+        check_tensors({k: v.shape for k, v in tensors.items()}, parameter_shapes(cfg),
+                      str(path))
+        return cfg, tensors
     toml_path = path / CONFIG_FILE
     if not toml_path.is_file():
         raise CheckpointError(f"{path} is not an hvdllm checkpoint: {CONFIG_FILE} is missing "

@@ -172,6 +172,10 @@ class TrainConfig:
             (autocast with dynamic loss scaling agreed by all ranks).  torch.
         grad_clip: clip the global gradient norm (over dp x tp x pp) to this
             value; 0 = off.  torch.
+        resume: "auto" continues from the newest complete checkpoint in
+            ``output.dir`` (or starts afresh when there is none); "never"
+            starts afresh; a path resumes from that checkpoint (a step
+            directory, or a directory of them: the newest usable one).
     """
 
     framework: str = "torch"
@@ -196,6 +200,7 @@ class TrainConfig:
     zero: int = 0
     precision: str = "fp32"
     grad_clip: float = 0.0
+    resume: str = "auto"
 
 
 @dataclass
@@ -212,18 +217,22 @@ class DataConfig:
 
 @dataclass
 class OutputConfig:
-    """Where rank 0 writes ``metrics.jsonl`` and ``config.toml``.
+    """Where the run writes ``metrics.jsonl``, ``config.toml`` and its checkpoints.
 
     Args:
         dir: output directory (created if missing).
-        checkpoint: at the end of training, write the full model to
-            ``dir/checkpoint`` in hvdllm's format (torch; convert it with
-            ``hvdllm convert --to-hf``, or start from it with
-            ``model.init_from``).
+        checkpoint: at the end of training, write a training checkpoint to
+            ``dir/checkpoints/step-N`` (convert it with ``hvdllm convert
+            --to-hf``, or start from it with ``model.init_from``).
+        checkpoint_every: also write one every this many steps (0 = only
+            at the end).  Saves run in the background.
+        keep_checkpoints: how many complete checkpoints to keep, newest first.
     """
 
     dir: str = "runs/example"
     checkpoint: bool = True
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -448,6 +457,13 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= getattr(t, name) < 1.0:
             raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
     _positive("train.eps", t.eps)
+    if not t.resume:
+        raise ConfigError('train.resume must be "auto", "never" or a checkpoint path, got ""')
+    o = cfg.output
+    if o.checkpoint_every < 0:
+        raise ConfigError(f"output.checkpoint_every must be >= 0 (0 = only at the end), "
+                          f"got {o.checkpoint_every}")
+    _positive("output.keep_checkpoints", o.keep_checkpoints)
     per_step = t.micro_batch_size * p.dp
     if t.global_batch_size % per_step:
         raise ConfigError(
