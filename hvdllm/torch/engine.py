@@ -13,7 +13,7 @@ from ..common.family import family_spec
 from ..common.train_checkpoint import CheckpointReader, RankState
 from .data_parallel import broadcast_module
 from .distributed import import_horovod
-from .models import GPT, CausalLM, GPTConfig, Llama, LlamaConfig
+from .models import CausalLM
 from .pipeline import PipelineExecutor, build_pipeline, plan_split
 from .state import TorchState
 from .tensor_parallel import TensorParallelGroup, parallelize, replicated_parameters

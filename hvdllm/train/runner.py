@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import importlib
 import os
-import shutil
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np

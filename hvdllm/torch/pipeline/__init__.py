@@ -10,7 +10,7 @@
 The schedules themselves and the split arithmetic are framework-free, in
 :mod:`hvdllm.common.schedules` and :mod:`hvdllm.common.partition`.
 """
-from .build import PipelineSplit, build_pipeline, gather_pipeline_state, plan_split
+from .build import PipelineSplit, build_pipeline, plan_split
 from .executor import PipelineExecutor
 from .memory import SavedTensorMeter
 from .p2p import PipelineCommError, StageLink, TensorSpec
@@ -19,6 +19,6 @@ from .stage import Chunk, cut_stage, parameter_costs, run_chunk, tied_embedding
 
 __all__ = [
     "Chunk", "PipelineCommError", "PipelineExecutor", "PipelineSplit", "SavedTensorMeter",
-    "StageLink", "TensorSpec", "build_pipeline", "cut_stage", "gather_pipeline_state",
+    "StageLink", "TensorSpec", "build_pipeline", "cut_stage",
     "parameter_costs", "plan_split", "profile_layer_costs", "run_chunk", "tied_embedding",
 ]

@@ -6,11 +6,7 @@ measure the dense model), apply tensor parallelism, then
 """
 from __future__ import annotations
 
-import pickle
 from dataclasses import dataclass
-from typing import Sequence
-
-import numpy as np
 
 from ...common.config import Config
 from ...common.partition import LayerCosts, describe_split, split_layers
@@ -100,29 +96,3 @@ def build_pipeline(model: CausalLM, split: PipelineSplit, cfg: Config, groups: P
                                 verbose=groups.rank == 0)
     executor.plan(cfg.grad_accum_steps)
     return executor
-
-
-def gather_pipeline_state(state: dict[str, np.ndarray], executor: PipelineExecutor,
-                          names: Sequence[str]) -> dict[str, np.ndarray]:
-    """Every stage's parameters, merged on the first stage in the full model's order.
-
-    Collective over the pipeline group.  Other stages get their own
-    ``state`` back.  The last stage's copy of a tied head weight is left
-    out: the full model names it once, as the embedding.
-
-    Args:
-        state: this stage's parameters by name (full tensors, TP gathered).
-        executor: this stage's executor (its group carries the transfer).
-        names: parameter names of the full model, in order.
-    """
-    group = executor.group
-    if group.rank != 0:
-        group.send(np.frombuffer(pickle.dumps(state), np.uint8), 0, tag=group.rank)
-        return state
-    merged = dict(state)
-    for stage in range(1, group.size):
-        merged.update(pickle.loads(group.recv(stage, tag=stage).tobytes()))
-    missing = [name for name in names if name not in merged]
-    if missing:
-        raise RuntimeError(f"pipeline stages hold no parameter named {missing}")
-    return {name: merged[name] for name in names}
