@@ -167,7 +167,10 @@ def test_kill9_then_rerun_is_bitwise_exact(name, extra, tmp_path, reference_runs
 @pytest.mark.parametrize("target", [
     ["parallel.dp=2", "parallel.pp=2", "train.micro_batch_size=1"],
     ["parallel.dp=1"],
-])
+    pytest.param(["parallel.dp=4", "train.micro_batch_size=1"], marks=pytest.mark.slow),
+    pytest.param(["parallel.tp=2", "parallel.pp=2", "train.micro_batch_size=1"],
+                 marks=pytest.mark.slow),
+], ids=["dp2xpp2", "world1", "dp4", "tp2xpp2"])
 def test_resume_under_another_layout(target, tmp_path, reference_runs):
     source = ["parallel.dp=2", "parallel.tp=2", "train.zero=1", "output.keep_checkpoints=10"]
     ref = reference_runs("torch-dp2-tp2-zero1", source)
@@ -183,6 +186,9 @@ def test_resume_under_another_layout(target, tmp_path, reference_runs):
     assert sorted(got) == list(range(start + 1, STEPS + 1))
     for step in got:
         assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
+    # Rerunning the same command continues this run from its own newest checkpoint.
+    res = run_ok(_cmd(_world(target), out, args, steps=STEPS + 1), TIMEOUT)
+    assert "continuing from the newest" in res.stdout and f"at step {STEPS}" in res.stdout
 
 
 def _start_long_run(out: Path, extra: list[str], steps: int) -> subprocess.Popen:

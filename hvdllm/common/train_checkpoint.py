@@ -583,11 +583,20 @@ class CheckpointManager:
             return ("error", f"checkpoint at step {step} failed: cannot write "
                              f"{exc.filename or staging}: {exc.strerror or exc}; the previous "
                              f"checkpoints are intact")
-        self._prune()
+        self._prune(step)
         return ("ok", str(final))
 
-    def _prune(self) -> None:
-        complete = [d for _, d in list_checkpoints(self.root) if (d / MANIFEST).is_file()]
+    def _prune(self, step: int) -> None:
+        """Keep the newest ``keep`` checkpoints up to ``step``; later ones are of a past history.
+
+        (A run restarted afresh, or resumed from an older checkpoint after a
+        damaged newer one, must not resume from the abandoned line later.)
+        """
+        for s, d in list_checkpoints(self.root):
+            if s > step:
+                shutil.rmtree(d, ignore_errors=True)
+        complete = [d for s, d in list_checkpoints(self.root)
+                    if s <= step and (d / MANIFEST).is_file()]
         for old in complete[self.keep:]:
             shutil.rmtree(old, ignore_errors=True)
 

@@ -67,6 +67,15 @@ def _pick(cfg: Config) -> tuple[str, Any]:
     path = Path(mode).expanduser()
     if not path.exists():
         return ("error", f"train.resume: no checkpoint at {mode}")
+    inside = root.resolve() in (path.resolve(), *path.resolve().parents)
+    if list_checkpoints(root) and not inside:
+        # The run has saved checkpoints of its own since it started from ``path``:
+        # rerunning the same command continues the run, not its first start.
+        own = newest_usable(root)
+        if own is not None:
+            print(f"hvdllm: {root} holds this run's own checkpoints; continuing from the newest "
+                  f"(train.resume = {mode} was its starting point)", flush=True)
+            return ("resume", str(own[0]))
     found = newest_usable(path)
     if found is None:
         return ("error", f"train.resume: no usable checkpoint at {mode}")
