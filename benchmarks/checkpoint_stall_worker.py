@@ -8,7 +8,7 @@ micro-batch, repetition counts, a scratch directory).  The worker
    training steps (slowest rank, after a barrier) with nothing in flight:
    ``steps`` after ``warmup_steps``, and 2 more at the end;
 2. times, on every rank, what a save costs the training thread: hvdllm's
-   ``engine.capture_state()`` + ``CheckpointManager.save(...)`` (as
+   ``engine.capture_state(manager.new_state())`` + ``CheckpointManager.save(...)`` (as
    ``RunCheckpoints._save`` does it), against
    ``torch.distributed.checkpoint.async_save`` of the model's and the
    optimizer's ``state_dict()`` over a gloo process group of the same ranks.
@@ -59,7 +59,7 @@ def main() -> None:
     from hvdllm.common.config import load_config
     from hvdllm.common.data import ShardedBatchSampler
     from hvdllm.common.topology import Topology
-    from hvdllm.common.train_checkpoint import CheckpointManager
+    from hvdllm.common.checkpoint_writer import CheckpointManager
     from hvdllm.torch.distributed import init_groups
     from hvdllm.torch.engine import build_engine
 
@@ -109,7 +109,8 @@ def main() -> None:
         save_no += 1
         comm.Barrier()
         t0 = time.perf_counter()
-        state = engine.capture_state()
+        state = manager.new_state()  # the previous save has committed: reuses its buffers
+        engine.capture_state(state)
         t1 = time.perf_counter()
         state.shared["step"] = save_no
         state.shared["data"] = sampler.state_dict()

@@ -34,6 +34,26 @@ def test_saves_commit_and_keep_the_newest(tmp_path):
     manifest = verify(found[0])
     assert manifest["step"] == 2 and set(manifest["files"]) == {"rank-00000.safetensors"}
     assert [s for s, _ in list_checkpoints(tmp_path / "checkpoints")] == [2, 1]
+    # The rank files are standard safetensors.
+    from safetensors.numpy import load_file
+
+    loaded = load_file(str(found[0] / "rank-00000.safetensors"))
+    np.testing.assert_array_equal(loaded["param/w/tp0"], np.full(1000, 2.0, np.float32))
+
+
+def test_state_copies_reuse_the_previous_buffers():
+    from hvdllm.common.train_checkpoint import Piece, RankState
+
+    buffers: dict = {}
+    first = RankState(buffers=buffers)
+    first.add(Piece("w", "param"), np.ones(4, np.float32))
+    second = RankState(buffers=buffers)
+    source = np.full(4, 3.0, np.float32)
+    second.add(Piece("w", "param"), source)
+    assert second.pieces[0][1] is first.pieces[0][1]  # the same buffer, refilled
+    assert second.pieces[0][1] is not source and second.pieces[0][1][0] == 3.0
+    source[0] = 7.0  # training goes on: the copy does not change
+    assert second.pieces[0][1][0] == 3.0
 
 
 def test_crash_between_shard_write_and_commit_keeps_the_previous_checkpoint(tmp_path):
@@ -86,7 +106,8 @@ def test_reader_reassembles_tp_shards_and_flat_ranges(tmp_path, split, shape):
     """Pieces written as TP shards, some cut into ZeRO-style flat ranges, give the full tensor."""
     from mpi4py import MPI
 
-    from hvdllm.common.train_checkpoint import CheckpointManager, Piece, RankState
+    from hvdllm.common.checkpoint_writer import CheckpointManager
+    from hvdllm.common.train_checkpoint import Piece, RankState
 
     full = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape)
     state = RankState()

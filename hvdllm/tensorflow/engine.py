@@ -80,7 +80,7 @@ class TensorFlowEngine:
         self._traced_sync: tf.types.experimental.ConcreteFunction | None = None
         self.state = TensorFlowState(self.variables, self.optimizer,
                                      list(self.model.non_trainable_variables), groups.dp.rank,
-                                     groups.rank)
+                                     groups.dp.size, groups.rank)
 
     def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, n: int) -> tuple[tf.Tensor, list]:
         """Loss of one micro-batch and the gradients of ``loss / n``."""
@@ -145,8 +145,8 @@ class TensorFlowEngine:
     def step_metrics(self) -> dict:
         return {}
 
-    def capture_state(self) -> RankState:
-        return self.state.capture()
+    def capture_state(self, state: RankState) -> None:
+        self.state.capture(state)
 
     def restore_state(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
         return self.state.restore(reader, same_layout)

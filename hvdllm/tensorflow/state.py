@@ -7,8 +7,9 @@ checkpoint reads the same whichever framework wrote it.  AdamW's
 ``momentum`` and ``velocity`` slots are the ``exp_avg`` and ``exp_avg_sq``
 pieces; its ``iteration`` counter is the shared optimizer step count.
 
-Only data-parallel rank 0 writes parameters and slots (every DP rank holds
-the same); each rank writes its own non-trainable variables (random
+Every data-parallel rank holds the same parameters and slots; each
+variable is written by one of them, spread so each writes about 1/dp of
+the bytes.  Each rank writes its own non-trainable variables (random
 generator states) as private state.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from ..common.errors import CheckpointError
-from ..common.train_checkpoint import CheckpointReader, Piece, RankState
+from ..common.train_checkpoint import CheckpointReader, Piece, RankState, balance
 
 _RULES = [
     (re.compile(r"^token_embedding/embeddings$"), "wte.weight", False),
@@ -55,17 +56,18 @@ class TensorFlowState:
         variables: the model's trainable variables.
         optimizer: the built Keras AdamW.
         extra: the model's non-trainable variables (random generator states).
-        dp_rank: this rank's data-parallel rank.
+        dp_rank, dp_size: this rank's place in the data-parallel group.
         world_rank: this rank's world rank.
     """
 
     def __init__(self, variables: list, optimizer: Any, extra: list, dp_rank: int,
-                 world_rank: int):
+                 dp_size: int, world_rank: int):
         self.variables = variables
         self.optimizer = optimizer
         self.extra = extra
-        self.dp_rank = dp_rank
         self.world_rank = world_rank
+        owners = balance([int(np.prod(v.shape)) for v in variables], dp_size)
+        self.mine = [owner == dp_rank for owner in owners]
         self.names = [logical_name(v.path) for v in variables]
         # Keras names a slot after its variable's path: "<prefix>/gpt_block_0_..._momentum".
         by_name = {v.path.rsplit("/", 1)[-1]: v for v in optimizer.variables}
@@ -77,10 +79,9 @@ class TensorFlowState:
                                       f"variables; build it before capturing its state")
             self.slots[kind] = slots
 
-    def capture(self) -> RankState:
-        out = RankState()
-        if self.dp_rank == 0:
-            for i, (name, transpose) in enumerate(self.names):
+    def capture(self, out: RankState) -> None:
+        for i, (name, transpose) in enumerate(self.names):
+            if self.mine[i]:
                 for kind, var in (("param", self.variables[i]),
                                   ("exp_avg", self.slots["exp_avg"][i]),
                                   ("exp_avg_sq", self.slots["exp_avg_sq"][i])):
@@ -90,7 +91,6 @@ class TensorFlowState:
         out.shared["optimizer_steps"] = float(self.optimizer.iterations.numpy())
         for var in self.extra:
             out.add(Piece(f"keras/{var.path}", "private"), var.numpy())
-        return out
 
     def restore(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
         if reader.shared.get("optimizer") != "adamw":

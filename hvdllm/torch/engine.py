@@ -133,8 +133,8 @@ class TorchEngine:
     def step_metrics(self) -> dict:
         return self._metrics
 
-    def capture_state(self) -> RankState:
-        return self.state.capture()
+    def capture_state(self, state: RankState) -> None:
+        self.state.capture(state)
 
     def restore_state(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
         return self.state.restore(reader, same_layout)

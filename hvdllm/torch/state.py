@@ -6,8 +6,9 @@ tied head is the embedding and is not saved twice).  Each piece records how
 tensor parallelism split the logical tensor, so a restore re-slices it for
 the layout it runs on.  Who writes what:
 
-* parameters and plain optimizer slots (AdamW moments, SGD momentum):
-  data-parallel rank 0, and for tensors every TP rank holds alike, TP rank 0;
+* parameters and plain optimizer slots (AdamW moments, SGD momentum): one
+  data-parallel rank per tensor, spread so each writes about 1/dp of the
+  bytes; for tensors every TP rank holds alike, TP rank 0 only;
 * ZeRO-1 moments: every data-parallel rank its own flat ranges;
 * compression state (error feedback, PowerSGD's Q), the RNG: every rank,
   as private state, restored only on the same rank of the same layout.
@@ -21,7 +22,7 @@ import torch
 
 from ..common.errors import CheckpointError
 from ..common.family import ModelSpec, shard
-from ..common.train_checkpoint import CheckpointReader, Piece, RankState
+from ..common.train_checkpoint import CheckpointReader, Piece, RankState, balance
 from .zero import ZeroAdamW
 
 # Optimizer slots per optimizer, as (checkpoint kind, torch state key).
@@ -58,11 +59,14 @@ class TorchState:
         if unknown:
             raise ValueError(f"parameters outside the model contract: {unknown}")
         self.tp_rank, self.tp_size = groups.tp.rank, groups.tp.size
+        # Which data-parallel rank writes each parameter (and its plain slots).
+        owners = balance([p.numel() for _, p in self.params], groups.dp.size)
+        self.writer = {id(p): owners[i] == groups.dp.rank for i, (_, p) in enumerate(self.params)}
         self.splits = {i: splits[n].to_dict()
                        for i, n in self.logical.items()}
 
     def _owner(self, p: torch.Tensor) -> bool:
-        """Whether this rank writes ``p``'s replicated copy (its parameter and plain slots)."""
+        """Whether this TP rank's copy of ``p`` is saved at all (not a duplicate)."""
         if getattr(p, "hvdllm_pp_duplicate", False):
             return False
         if not getattr(p, "hvdllm_tp_sharded", False) and self.tp_rank != 0:
@@ -78,12 +82,10 @@ class TorchState:
                      flat, tuple(p.shape) if flat is not None else None)
 
     # -- capture ------------------------------------------------------------
-    def capture(self) -> RankState:
-        """Host copies of everything a resume needs from this rank."""
-        out = RankState()
-        dp0 = self.groups.dp.rank == 0
+    def capture(self, out: RankState) -> None:
+        """Copy into ``out`` everything a resume needs from this rank."""
         for _, p in self.params:
-            if dp0 and self._owner(p):
+            if self.writer[id(p)] and self._owner(p):
                 out.add(self._piece(p, "param"), _host(p))
         opt = self.update.optimizer
         if isinstance(opt, ZeroAdamW):
@@ -94,7 +96,7 @@ class TorchState:
                 st = opt.state.get(p, {})
                 if "step" in st:
                     steps.add(float(st["step"]))
-                if dp0 and self._owner(p):
+                if self.writer[id(p)] and self._owner(p):
                     for kind, key in _SLOTS[self.optimizer_name]:
                         if key in st and st[key] is not None:
                             out.add(self._piece(p, kind), _host(st[key]))
@@ -113,7 +115,6 @@ class TorchState:
             for key, t in state.items():
                 out.add(Piece(f"compression/{key}", "private"), _host(t))
         out.add(Piece("rng/torch", "private"), torch.get_rng_state().numpy())
-        return out
 
     def _capture_zero(self, opt: ZeroAdamW, out: RankState) -> None:
         out.shared["optimizer_steps"] = float(opt.steps)

@@ -24,9 +24,9 @@ from ..common.comm import wait_requests
 from ..common.config import Config
 from ..common.errors import CheckpointError, HvdllmError
 from ..common.topology import ParallelGroups
-from ..common.train_checkpoint import (CHECKPOINTS, CheckpointManager, CheckpointReader,
-                                       list_checkpoints, model_differences, newest_usable,
-                                       remove_staging)
+from ..common.checkpoint_writer import CheckpointManager, remove_staging
+from ..common.train_checkpoint import (CHECKPOINTS, CheckpointReader, list_checkpoints,
+                                       model_differences, newest_usable)
 
 #: Exit status after a preemption save: the run is not finished; rerun it to continue.
 EXIT_PREEMPTED = 75
@@ -195,7 +195,8 @@ class RunCheckpoints:
 
     # -- during training --------------------------------------------------
     def _save(self, step: int, blocking: bool) -> Path | None:
-        state = self.engine.capture_state()
+        state = self.manager.new_state()  # after the previous save, into its buffers
+        self.engine.capture_state(state)
         state.shared["step"] = step
         state.shared["data"] = self.sampler.state_dict()
         path = self.manager.save(step, state, blocking=blocking)

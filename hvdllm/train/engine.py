@@ -42,8 +42,8 @@ class Engine(Protocol):
         """Extras of the last step for ``metrics.jsonl`` (``comm_bytes``, ``grad_norm``,
         ``loss_scale`` and ``skipped`` with fp16); may be empty."""
 
-    def capture_state(self) -> RankState:
-        """Host copies of this rank's part of a training checkpoint.
+    def capture_state(self, state: RankState) -> None:
+        """Copy this rank's part of a training checkpoint into ``state`` (host memory).
 
         Everything a later step reads: parameter shards, optimizer state,
         loss scaler, compression state, random generator states.  Not

@@ -31,7 +31,7 @@ from ..common.launch import check_launcher, threads_per_rank, world_comm
 from ..common.metrics import MetricsWriter
 from ..common.topology import Topology, describe
 from ..common.watchdog import Watchdog
-from ..common.train_checkpoint import check_writable
+from ..common.checkpoint_writer import check_writable
 from .checkpointing import Preempted, choose_resume
 from .loop import TrainSummary, run_training
 

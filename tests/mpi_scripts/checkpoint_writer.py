@@ -18,7 +18,8 @@ import numpy as np
 from mpi4py import MPI
 
 from hvdllm.common.errors import CheckpointError
-from hvdllm.common.train_checkpoint import CheckpointManager, Piece, RankState
+from hvdllm.common.checkpoint_writer import CheckpointManager
+from hvdllm.common.train_checkpoint import Piece, RankState
 
 out, mode = sys.argv[1], sys.argv[2]
 manager = CheckpointManager(out, MPI.COMM_SELF, keep=2, config={"model": {}},
