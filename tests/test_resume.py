@@ -302,3 +302,22 @@ def test_stop_and_continue_is_bitwise_exact_in_one_process(extra, tmp_path):
         assert shared[0].get(key) == shared[1].get(key), (key, shared)
     ref_params, params = _final_params(ref), _final_params(out)
     assert all(np.array_equal(ref_params[k], params[k]) for k in ref_params)
+
+
+@pytest.mark.parametrize("name,extra", [
+    ("torch-tp2-pp2-zero1", TORCH_TP2_PP2_ZERO),
+    ("tensorflow-dp2", TF_DP2),
+])
+def test_convert_consolidates_a_training_checkpoint(name, extra, tmp_path, reference_runs):
+    """``hvdllm convert --to-hf`` takes a run's output.dir and assembles the shards itself."""
+    from hvdllm.common.hf import load_hf_checkpoint
+
+    ref = reference_runs(name, extra)
+    hf_dir = tmp_path / "hf"
+    res = run_ok(hvdllm_cmd("convert", "--to-hf", str(ref), "--out", str(hf_dir)), TIMEOUT)
+    assert "wrote Hugging Face checkpoint" in res.stdout
+    _, hf_tensors = load_hf_checkpoint(hf_dir)
+    params = _final_params(ref)
+    assert sorted(hf_tensors) == sorted(params)
+    for key, value in params.items():
+        np.testing.assert_array_equal(hf_tensors[key], value, err_msg=key)
