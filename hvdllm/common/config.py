@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from .errors import ConfigError, NotImplementedYetError
-from .family import default_d_ff
+from .family import FAMILIES, default_d_ff, get_family
 
 FRAMEWORKS = ("torch", "tensorflow")
-MODEL_FAMILIES = ("gpt", "llama")
+MODEL_FAMILIES = tuple(FAMILIES)
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 PARTITIONS = ("uniform", "parameters", "balanced")
 RECOMPUTE = ("none", "full")
@@ -415,18 +415,21 @@ def validate(cfg: Config) -> None:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_head={m.n_head}"
         )
-    if m.n_kv_head and m.family != "llama" and m.n_kv_head != m.n_head:
+    family = get_family(m.family)
+    if m.n_kv_head and not family.grouped_query and m.n_kv_head != m.n_head:
+        grouped = [f.name for f in FAMILIES.values() if f.grouped_query]
         raise ConfigError(
-            f"model.n_kv_head={m.n_kv_head}: grouped-query attention is a llama feature; "
-            f"the gpt family uses n_kv_head = n_head = {m.n_head} (or 0)"
+            f"model.n_kv_head={m.n_kv_head}: grouped-query attention is a "
+            f"{'/'.join(grouped)} feature; the {m.family} family uses n_kv_head = n_head = "
+            f"{m.n_head} (or 0)"
         )
     if m.n_head % m.kv_heads:
         raise ConfigError(
             f"model.n_kv_head={m.kv_heads} does not divide model.n_head={m.n_head}"
         )
-    if m.family == "llama" and (m.d_model // m.n_head) % 2:
+    if family.positions == "rotary" and (m.d_model // m.n_head) % 2:
         raise ConfigError(
-            f"llama needs an even head size for rotary embeddings; d_model={m.d_model} / "
+            f"{m.family} needs an even head size for rotary embeddings; d_model={m.d_model} / "
             f"n_head={m.n_head} = {m.d_model // m.n_head}"
         )
     _positive("model.norm_eps", m.norm_eps)

@@ -410,6 +410,11 @@ class Family:
     hf_optional_prefix: str
     hf_ignored: str
 
+    @property
+    def grouped_query(self) -> bool:
+        """Whether keys and values may have fewer heads than queries (``n_kv_head``)."""
+        return any(rule.units == "n_kv_head" for rule in self.rules)
+
     def default_d_ff(self, d_model: int) -> int:
         """The MLP width ``d_ff = 0`` stands for."""
         num, den, multiple = self.ff_default
