@@ -36,7 +36,7 @@ from .clip import clip_grad_norm_
 from .compression import make_compressor
 from .data_parallel import GradientSync
 from .precision import MixedPrecision
-from .zero import zero_optimizer_from
+from .zero import ZeroAdamW, zero_optimizer_from
 
 
 @dataclass
@@ -134,7 +134,7 @@ class GradientUpdate:
         info = StepInfo(applied=not found_inf)
         if not found_inf:
             if self.grad_clip > 0:
-                if hasattr(self.optimizer, "clip_grad_norm_"):  # ZeRO-1: on the shards
+                if isinstance(self.optimizer, ZeroAdamW):  # ZeRO-1: on the shards
                     norm = self.optimizer.clip_grad_norm_(self.grad_clip, self.groups.tp,
                                                           self.groups.pp)
                 else:
