@@ -119,7 +119,7 @@ class TorchState:
     def _capture_zero(self, opt: ZeroAdamW, out: RankState) -> None:
         out.shared["optimizer_steps"] = float(opt.steps)
         for piece in opt.layout.shard_slices(opt.group.rank):
-            p = opt._params[piece.index]
+            p = opt.params[piece.index]
             if not self._owner(p):
                 continue
             flat = (piece.param_start, piece.param_end)
@@ -190,12 +190,12 @@ class TorchState:
 
     def _restore_zero(self, opt: ZeroAdamW, reader: CheckpointReader, steps: float) -> None:
         opt.steps = int(steps)
-        lo, hi = opt._shard_start, opt._shard_end
-        opt.master.copy_(opt._flat_params()[lo:hi])
+        lo, hi = opt.shard_range
+        opt.master.copy_(opt.flat_params()[lo:hi])
         if steps <= 0:
             return
         for kind in ("exp_avg", "exp_avg_sq"):
             flat = torch.zeros(opt.layout.padded, dtype=torch.float32)
-            for p, offset in zip(opt._params, opt.layout.offsets):
+            for p, offset in zip(opt.params, opt.layout.offsets):
                 flat[offset:offset + p.numel()] = self._local(reader, kind, p).reshape(-1)
             getattr(opt, kind).copy_(flat[lo:hi])

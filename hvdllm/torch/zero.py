@@ -86,6 +86,20 @@ class ZeroAdamW(torch.optim.Optimizer):
         self._grad_shard: torch.Tensor | None = None
 
     # -- flat buffers ------------------------------------------------------
+    @property
+    def params(self) -> list[torch.Tensor]:
+        """The parameters in flat-layout order (:attr:`layout` indexes them)."""
+        return self._params
+
+    @property
+    def shard_range(self) -> tuple[int, int]:
+        """``[start, end)`` of this rank's shard in the flat buffer."""
+        return self._shard_start, self._shard_end
+
+    def flat_params(self) -> torch.Tensor:
+        """Every parameter laid end to end (fp32, padded), as the layout places them."""
+        return self._flat_params()
+
     def _flat_params(self) -> torch.Tensor:
         flat = torch.zeros(self.layout.padded, dtype=torch.float32)
         for p, offset in zip(self._params, self.layout.offsets):
