@@ -141,6 +141,8 @@ def reference_runs(tmp_path_factory):
     ("torch-tp2-pp2-zero1", TORCH_TP2_PP2_ZERO),
     ("torch-dp2-powersgd", TORCH_DP2_POWERSGD),
     ("tensorflow-dp2", TF_DP2),
+    pytest.param("torch-dp2-tp2-pp2-zero1", ["parallel.dp=2"] + TORCH_TP2_PP2_ZERO,
+                 marks=pytest.mark.slow),
 ])
 def test_kill9_then_rerun_is_bitwise_exact(name, extra, tmp_path, reference_runs):
     ref = reference_runs(name, extra)
