@@ -15,7 +15,7 @@ generator states) as private state.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 
@@ -47,6 +47,33 @@ def logical_name(path: str) -> tuple[str, bool]:
         if pattern.match(inner):
             return pattern.sub(name, inner), transpose
     raise CheckpointError(f"no logical tensor for the Keras variable {path}")
+
+
+def assign_logical(variables: list, tensors: Mapping[str, np.ndarray], where: str,
+                   tied: Iterable[str] = ()) -> None:
+    """Fill Keras ``variables`` from full logical tensors (``model.init_from``, tests).
+
+    Args:
+        variables: the model's trainable variables.
+        tensors: logical name -> full tensor.
+        where: the source, for messages.
+        tied: logical names the model holds only through another tensor
+            (GPT's head is its embedding); ignored when present.
+
+    Raises:
+        CheckpointError: naming every tensor that is missing, unexpected or misshapen.
+    """
+    from ..common.checkpoint import check_tensors
+
+    names = [logical_name(v.path) for v in variables]
+    expected = {name: tuple(v.shape)[::-1] if transpose else tuple(v.shape)
+                for v, (name, transpose) in zip(variables, names)}
+    tied = set(tied)
+    check_tensors({k: tuple(np.shape(t)) for k, t in tensors.items() if k not in tied},
+                  expected, where)
+    for v, (name, transpose) in zip(variables, names):
+        value = np.asarray(tensors[name], np.float32)
+        v.assign(np.ascontiguousarray(value.T if transpose else value))
 
 
 class TensorFlowState:

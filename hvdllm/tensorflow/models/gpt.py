@@ -36,12 +36,17 @@ class GPT(keras.Model):
         dropout: dropout rate (embeddings, attention, residual branches).
         init_std: standard deviation of the normal initialisation; the two
             residual projections of each block use ``init_std / sqrt(2 * n_layer)``.
+        d_ff: MLP hidden width (0: ``4 * d_model``).
+        norm_eps: LayerNorm epsilon.
     """
 
     def __init__(self, vocab_size: int = 256, seq_len: int = 64, n_layer: int = 2,
                  n_head: int = 4, d_model: int = 64, dropout: float = 0.0,
-                 init_std: float = 0.02, **kwargs: Any):
+                 init_std: float = 0.02, d_ff: int = 0, norm_eps: float = LAYER_NORM_EPSILON,
+                 **kwargs: Any):
         super().__init__(**kwargs)
+        self.d_ff = d_ff or 4 * d_model
+        self.norm_eps = norm_eps
         self.vocab_size = vocab_size
         self.seq_len = seq_len
         self.n_layer = n_layer
@@ -66,10 +71,10 @@ class GPT(keras.Model):
         for i in range(self.n_layer):
             block = TransformerBlock(self.d_model, self.n_head, dropout=self.dropout,
                                      init_std=self.init_std, proj_init_std=proj_init_std,
-                                     name=f"block_{i}")
+                                     d_ff=self.d_ff, norm_eps=self.norm_eps, name=f"block_{i}")
             block.build(hidden_shape)
             self.blocks.append(block)
-        self.ln_f = keras.layers.LayerNormalization(epsilon=LAYER_NORM_EPSILON, name="ln_f")
+        self.ln_f = keras.layers.LayerNormalization(epsilon=self.norm_eps, name="ln_f")
         self.ln_f.build(hidden_shape)
         super().build(input_shape)
 
@@ -117,5 +122,6 @@ class GPT(keras.Model):
         config = super().get_config()
         config.update({"vocab_size": self.vocab_size, "seq_len": self.seq_len,
                        "n_layer": self.n_layer, "n_head": self.n_head, "d_model": self.d_model,
-                       "dropout": self.dropout, "init_std": self.init_std})
+                       "dropout": self.dropout, "init_std": self.init_std, "d_ff": self.d_ff,
+                       "norm_eps": self.norm_eps})
         return config
