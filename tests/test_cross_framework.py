@@ -72,3 +72,24 @@ def test_keras_gpt_starts_from_a_torch_checkpoint(tmp_path):
                         "train": {"framework": "tensorflow"}})
     with pytest.raises(CheckpointError, match="model.d_ff is 80 in the checkpoint but 96"):
         build_tf(bad)
+
+
+@pytest.mark.parametrize("first,then", [("torch", "tensorflow"), ("tensorflow", "torch")])
+def test_a_run_continues_in_the_other_framework(first, then, tmp_path):
+    """A training checkpoint (model and AdamW state) written by one framework resumes in the other."""
+    from conftest import hvdllm_cmd, read_metrics, run_ok
+
+    def train(out, framework, steps, *extra):
+        sets = [f"output.dir={out}", f"train.steps={steps}", f"train.framework={framework}",
+                "model.d_model=32", "model.seq_len=32", *extra]
+        return run_ok(hvdllm_cmd("train", *[a for s in sets for a in ("--set", s)]), 300)
+
+    train(tmp_path / "ref", first, 8)
+    train(tmp_path / "part", first, 4)
+    res = train(tmp_path / "cont", then, 8, f"train.resume={tmp_path / 'part'}")
+    assert f"saved by {first}, continued in {then}" in res.stdout, res.stdout[-2000:]
+    want = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "ref")}
+    got = {r["step"]: r["loss"] for r in read_metrics(tmp_path / "cont")}
+    assert sorted(got) == [5, 6, 7, 8]
+    for step, loss in got.items():
+        assert loss == pytest.approx(want[step], rel=1e-4), (step, loss, want[step])

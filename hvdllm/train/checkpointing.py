@@ -183,8 +183,13 @@ class RunCheckpoints:
         self.last_saved = point.step
         if self.groups.world.rank == 0:
             topo = point.manifest["topology"]
-            how = "" if layout else (f" (saved at dp {topo['dp']} x tp {topo['tp']} x pp "
-                                     f"{topo['pp']}, resharded)")
+            saved_by = point.manifest.get("framework")
+            how = ""
+            if saved_by != self.cfg.train.framework:
+                how = f" (saved by {saved_by}, continued in {self.cfg.train.framework})"
+            elif not layout:
+                how = (f" (saved at dp {topo['dp']} x tp {topo['tp']} x pp {topo['pp']}, "
+                       f"resharded)")
             print(f"hvdllm: resuming from {point.path} at step {point.step}{how}", flush=True)
             for note in notes:
                 print(f"hvdllm: note: {note}", flush=True)
