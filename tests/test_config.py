@@ -166,9 +166,6 @@ def test_torch_only_training_features_are_refused_for_tensorflow():
         build_config({}, ["train.framework=tensorflow", "train.zero=1"])
 
 
-def test_torch_only_model_features_are_refused_for_tensorflow():
-    with pytest.raises(NotImplementedYetError, match="model.family"):
-        build_config({}, ["train.framework=tensorflow", "model.family=llama"])
-    # The Keras GPT honours the rest of the model section.
-    build_config({}, ["train.framework=tensorflow", "model.d_ff=100", "model.norm_eps=1e-6",
-                      "model.init_from=hf:somewhere"])
+def test_tensorflow_takes_the_whole_model_section():
+    build_config({}, ["train.framework=tensorflow", "model.family=llama", "model.n_kv_head=2",
+                      "model.d_ff=100", "model.norm_eps=1e-6", "model.init_from=hf:somewhere"])

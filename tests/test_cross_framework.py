@@ -1,7 +1,7 @@
-"""One model contract, two frameworks: the same weights give the same function.
+"""One model contract, two frameworks: the same weights give the same function (GPT, LLaMA).
 
-The torch reference GPT is built from a config, its parameters (logical
-tensors) are loaded into the Keras GPT by name, and the logits are compared.
+The torch reference model is built from a config, its parameters (logical
+tensors) are loaded into the Keras model by name, and the logits are compared.
 An hvdllm checkpoint written from the torch model is also started from with
 ``model.init_from`` by the TensorFlow engine.
 """
@@ -16,9 +16,13 @@ tf = pytest.importorskip("tensorflow")
 torch = pytest.importorskip("torch")
 
 SHAPES = {
-    "default": {},
-    "awkward": {"n_layer": 3, "d_model": 48, "n_head": 6, "d_ff": 80, "norm_eps": 1e-6,
-                "vocab_size": 259, "seq_len": 24},
+    "gpt": {},
+    "gpt-awkward": {"n_layer": 3, "d_model": 48, "n_head": 6, "d_ff": 80, "norm_eps": 1e-6,
+                    "vocab_size": 259, "seq_len": 24},
+    "llama": {"family": "llama"},
+    "llama-gqa-awkward": {"family": "llama", "n_layer": 3, "d_model": 48, "n_head": 6,
+                          "n_kv_head": 2, "d_ff": 80, "norm_eps": 1e-6, "vocab_size": 259,
+                          "seq_len": 24, "rope_theta": 500.0},
 }
 
 
@@ -34,12 +38,14 @@ def _models(model_keys: dict):
 
 @pytest.mark.parametrize("shape", sorted(SHAPES))
 def test_torch_and_keras_gpt_agree_on_the_same_weights(shape):
+    from hvdllm.common.family import family_spec
     from hvdllm.tensorflow.state import assign_logical
     from hvdllm.torch.hf import state_dict_numpy
 
     cfg, torch_model, tf_model = _models(SHAPES[shape])
     tensors = state_dict_numpy(torch_model)
-    assign_logical(tf_model.trainable_variables, tensors, "torch model", tied=("lm_head.weight",))
+    assign_logical(tf_model.trainable_variables, tensors, "torch model",
+                   tied=family_spec(cfg.model).ties)
     idx = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
     with torch.no_grad():
         want = torch_model(torch.from_numpy(idx)).numpy()
@@ -49,12 +55,13 @@ def test_torch_and_keras_gpt_agree_on_the_same_weights(shape):
     assert err < 1e-5, f"{shape}: max relative difference {err:.2e}"
 
 
-def test_keras_gpt_starts_from_a_torch_checkpoint(tmp_path):
+@pytest.mark.parametrize("shape", ["gpt-awkward", "llama-gqa-awkward"])
+def test_keras_model_starts_from_a_torch_checkpoint(shape, tmp_path):
     from hvdllm.common.checkpoint import save_checkpoint
     from hvdllm.tensorflow.engine import build_model as build_tf
     from hvdllm.torch.hf import state_dict_numpy
 
-    keys = SHAPES["awkward"]
+    keys = SHAPES[shape]
     cfg, torch_model, _ = _models(keys)
     save_checkpoint(tmp_path / "ckpt", cfg.model, state_dict_numpy(torch_model))
     tf_cfg = build_config({"model": dict(keys, init_from=str(tmp_path / "ckpt")),
@@ -74,14 +81,15 @@ def test_keras_gpt_starts_from_a_torch_checkpoint(tmp_path):
         build_tf(bad)
 
 
-@pytest.mark.parametrize("first,then", [("torch", "tensorflow"), ("tensorflow", "torch")])
-def test_a_run_continues_in_the_other_framework(first, then, tmp_path):
+@pytest.mark.parametrize("first,then,family", [("torch", "tensorflow", "gpt"),
+                                               ("tensorflow", "torch", "llama")])
+def test_a_run_continues_in_the_other_framework(first, then, family, tmp_path):
     """A training checkpoint (model and AdamW state) written by one framework resumes in the other."""
     from conftest import hvdllm_cmd, read_metrics, run_ok
 
     def train(out, framework, steps, *extra):
         sets = [f"output.dir={out}", f"train.steps={steps}", f"train.framework={framework}",
-                "model.d_model=32", "model.seq_len=32", *extra]
+                f"model.family={family}", "model.d_model=32", "model.seq_len=32", *extra]
         return run_ok(hvdllm_cmd("train", *[a for s in sets for a in ("--set", s)]), 300)
 
     train(tmp_path / "ref", first, 8)

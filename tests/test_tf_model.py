@@ -12,7 +12,8 @@ import tensorflow as tf  # noqa: E402
 
 from hvdllm.common.config import build_config  # noqa: E402
 from hvdllm.tensorflow.models import (  # noqa: E402
-    GPT, MLP, CausalSelfAttention, PositionEmbedding, TransformerBlock)
+    GPT, MLP, CausalSelfAttention, Llama, LlamaAttention, LlamaBlock, PositionEmbedding, RMSNorm,
+    SwiGLU, TransformerBlock)
 
 # Deliberately not the defaults, so a hyperparameter that get_config drops shows up.
 VOCAB, SEQ_LEN, D_MODEL, N_HEAD, N_LAYER = 300, 16, 32, 2, 3
@@ -27,6 +28,16 @@ LAYERS = [
     (TransformerBlock, dict(d_model=D_MODEL, n_head=N_HEAD, init_std=0.1,
                             proj_init_std=0.2), "hidden"),
     (GPT, GPT_KWARGS, "tokens"),
+    (RMSNorm, dict(eps=1e-4), "hidden"),
+    (SwiGLU, dict(d_model=D_MODEL, d_ff=48, init_std=0.1, proj_init_std=0.2), "hidden"),
+    (LlamaAttention, dict(d_model=D_MODEL, n_head=4, n_kv_head=2, seq_len=SEQ_LEN,
+                          rope_theta=500.0, init_std=0.1, proj_init_std=0.2), "hidden"),
+    (LlamaBlock, dict(d_model=D_MODEL, n_head=4, d_ff=48, n_kv_head=2, seq_len=SEQ_LEN,
+                      rope_theta=500.0, norm_eps=1e-4, init_std=0.1, proj_init_std=0.2),
+     "hidden"),
+    (Llama, dict(vocab_size=VOCAB, seq_len=SEQ_LEN, n_layer=N_LAYER, n_head=4, n_kv_head=2,
+                 d_model=D_MODEL, d_ff=48, init_std=0.05, norm_eps=1e-4, rope_theta=500.0),
+     "tokens"),
 ]
 
 

@@ -500,14 +500,6 @@ def _validate_data_parallel_depth(cfg: Config) -> None:
     if not t.grad_clip >= 0:
         raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     if t.framework != "torch":
-        m = cfg.model
-        model_changes = [f"model.{k}={v!r}" for k, v, plain in
-                         (("family", m.family, m.family == "gpt"),) if not plain]
-        if model_changes:
-            raise NotImplementedYetError(
-                f"{', '.join(model_changes)} with train.framework='{t.framework}': not "
-                f"implemented yet for {t.framework} (its reference model is GPT); use "
-                f"train.framework='torch'")
         changed = [f"train.{k}={getattr(t, k)!r}" for k, default in
                    (("optimizer", "adamw"), ("compression", "none"), ("zero", 0),
                     ("precision", "fp32"), ("grad_clip", 0.0)) if getattr(t, k) != default]

@@ -16,17 +16,15 @@ from ..common.topology import ParallelGroups
 from ..common.train_checkpoint import CheckpointReader, RankState
 from .data_parallel import allreduce_gradients, broadcast_variables
 from .distributed import import_horovod
-from .models import GPT
+from .models import MODEL_CLASSES, CausalLM
 from .state import TensorFlowState, assign_logical
 
 
-def build_model(cfg: Config) -> GPT:
+def build_model(cfg: Config) -> CausalLM:
     """The reference model for ``cfg.model``: from ``train.seed``, or ``model.init_from``."""
     m = cfg.model
     keras.utils.set_random_seed(cfg.train.seed)
-    model = GPT(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer, n_head=m.n_head,
-                d_model=m.d_model, dropout=m.dropout, init_std=m.init_std, d_ff=m.ff_width,
-                norm_eps=m.norm_eps)
+    model = MODEL_CLASSES[m.family].from_model_config(m)
     model.build((None, m.seq_len))
     if m.init_from:  # the full weights, as the torch engine loads them
         assign_logical(model.trainable_variables, initial_tensors(m.init_from, m),

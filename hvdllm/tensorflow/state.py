@@ -33,6 +33,13 @@ _RULES = [
      False),
     (re.compile(r"^ln_f/gamma$"), "ln_f.weight", False),
     (re.compile(r"^ln_f/beta$"), "ln_f.bias", False),
+    # llama
+    (re.compile(r"^tok_emb/embeddings$"), "tok_emb.weight", False),
+    (re.compile(r"^block_(\d+)/(attn_norm|mlp_norm)/weight$"), r"blocks.\1.\2.weight", False),
+    (re.compile(r"^block_(\d+)/(attn|mlp)/(wq|wk|wv|wo|w_gate|w_up|w_down)/kernel$"),
+     r"blocks.\1.\2.\3.weight", True),
+    (re.compile(r"^norm/weight$"), "norm.weight", False),
+    (re.compile(r"^lm_head/kernel$"), "lm_head.weight", True),
 ]
 
 

@@ -16,15 +16,15 @@ import math
 from typing import Any
 
 import keras
-import numpy as np
 from keras import ops
 
+from .base import CausalLM
 from .position_embedding import PositionEmbedding
 from .transformer_block import LAYER_NORM_EPSILON, TransformerBlock
 
 
 @keras.saving.register_keras_serializable(package="hvdllm")
-class GPT(keras.Model):
+class GPT(CausalLM):
     """Token ids ``(b, t)`` -> next-token logits ``(b, t, vocab_size)``.
 
     Args:
@@ -55,6 +55,13 @@ class GPT(keras.Model):
         self.dropout = dropout
         self.init_std = init_std
 
+    @classmethod
+    def from_model_config(cls, m: Any) -> "GPT":
+        """The model for a ``[model]`` section (``d_ff`` resolved)."""
+        return cls(vocab_size=m.vocab_size, seq_len=m.seq_len, n_layer=m.n_layer,
+                   n_head=m.n_head, d_model=m.d_model, dropout=m.dropout, init_std=m.init_std,
+                   d_ff=m.ff_width, norm_eps=m.norm_eps)
+
     def build(self, input_shape: tuple = (None, None)) -> None:
         hidden_shape = tuple(input_shape) + (self.d_model,)
         self.token_embedding = keras.layers.Embedding(
@@ -79,44 +86,13 @@ class GPT(keras.Model):
         super().build(input_shape)
 
     def call(self, idx: Any, training: bool = False) -> Any:
-        t = idx.shape[1]
-        if t is not None and t > self.seq_len:
-            raise ValueError(f"sequence of {t} tokens exceeds seq_len {self.seq_len}")
+        self.check_length(idx)
         tok = self.token_embedding(idx)  # (b, t, d_model)
         x = self.embedding_dropout(tok + self.position_embedding(tok), training=training)
         for block in self.blocks:
             x = block(x, training=training)
         # Tied head: score every token by its embedding.
         return ops.matmul(self.ln_f(x), ops.transpose(self.token_embedding.embeddings))
-
-    def next_token_loss(self, idx: Any, targets: Any, training: bool = False) -> Any:
-        """Mean cross-entropy of predicting ``targets`` (b, t) from ``idx`` (b, t)."""
-        logits = self(idx, training=training)
-        return ops.mean(ops.sparse_categorical_crossentropy(targets, logits, from_logits=True))
-
-    def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int,
-                 temperature: float = 0.8, top_k: int | None = 40) -> np.ndarray:
-        """Sample ``max_new_tokens`` after ``prompt`` (1-D ints); returns prompt + samples.
-
-        Args:
-            prompt: token ids to continue.
-            max_new_tokens: how many tokens to append.
-            seed: seed of the sampler; the same seed gives the same text.
-            temperature: divides the logits; below 1 sharpens the distribution.
-            top_k: sample only among the ``top_k`` most likely tokens.
-        """
-        rng = np.random.default_rng(seed)
-        idx = [int(t) for t in np.asarray(prompt).reshape(-1)]
-        for _ in range(max_new_tokens):
-            window = np.asarray(idx[-self.seq_len:], np.int64)[None, :]
-            logits = ops.convert_to_numpy(self(window, training=False))[0, -1]
-            logits = logits.astype(np.float64) / temperature
-            if top_k is not None and top_k < logits.size:
-                kth = np.sort(logits)[-top_k]
-                logits = np.where(logits < kth, -np.inf, logits)
-            probs = np.exp(logits - logits.max())
-            idx.append(int(rng.choice(logits.size, p=probs / probs.sum())))
-        return np.asarray(idx, np.int64)
 
     def get_config(self) -> dict[str, Any]:
         config = super().get_config()
