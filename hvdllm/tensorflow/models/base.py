@@ -8,6 +8,12 @@ import numpy as np
 from keras import ops
 
 
+def dense(units: int, std: float, name: str, use_bias: bool = False) -> keras.layers.Dense:
+    """A Dense layer with a normal(0, ``std``) kernel (no bias by default, as in LLaMA)."""
+    return keras.layers.Dense(units, use_bias=use_bias, name=name,
+                              kernel_initializer=keras.initializers.RandomNormal(stddev=std))
+
+
 class CausalLM(keras.Model):
     """A model from token ids ``(b, t)`` to next-token logits ``(b, t, vocab)``.
 

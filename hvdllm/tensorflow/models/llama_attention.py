@@ -7,6 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from .base import dense
 from .rotary import apply_rope, rope_tables
 
 
@@ -42,11 +43,6 @@ class LlamaAttention(keras.layers.Layer):
         self._cos, self._sin = ops.convert_to_tensor(cos), ops.convert_to_tensor(sin)
 
     def build(self, input_shape: tuple) -> None:
-        def dense(units: int, std: float, name: str) -> keras.layers.Dense:
-            return keras.layers.Dense(units, use_bias=False, name=name,
-                                      kernel_initializer=keras.initializers.RandomNormal(
-                                          stddev=std))
-
         kv = self.n_kv_head * self.head_dim
         self.wq = dense(self.n_head * self.head_dim, self.init_std, "wq")
         self.wk = dense(kv, self.init_std, "wk")

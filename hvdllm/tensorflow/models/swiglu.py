@@ -6,6 +6,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from .base import dense
+
 
 @keras.saving.register_keras_serializable(package="hvdllm")
 class SwiGLU(keras.layers.Layer):
@@ -27,11 +29,6 @@ class SwiGLU(keras.layers.Layer):
         self.proj_init_std = proj_init_std
 
     def build(self, input_shape: tuple) -> None:
-        def dense(units: int, std: float, name: str) -> keras.layers.Dense:
-            return keras.layers.Dense(units, use_bias=False, name=name,
-                                      kernel_initializer=keras.initializers.RandomNormal(
-                                          stddev=std))
-
         self.w_gate = dense(self.d_ff, self.init_std, "w_gate")
         self.w_gate.build(input_shape)
         self.w_up = dense(self.d_ff, self.init_std, "w_up")
