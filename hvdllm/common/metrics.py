@@ -81,8 +81,10 @@ class ProgressBar:
     readable when interleaved.
     """
 
-    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None, width: int = 24):
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None, width: int = 24,
+                 done: int = 0):
         self.total = total
+        self.done = done  # steps finished before this process started (a resumed run)
         self.enabled = enabled
         self.stream = stream or sys.stdout
         self.width = width
@@ -102,7 +104,8 @@ class ProgressBar:
         for key, value in fields.items():
             parts.append(f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}")
         elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (self.total - step) if step else 0.0
+        ran = step - self.done
+        eta = elapsed / ran * (self.total - step) if ran > 0 else 0.0
         parts.append(f"{elapsed:.0f}s<{eta:.0f}s")
         line = " | ".join(parts)
         if self._tty:

@@ -53,7 +53,7 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
     try:
         done = checkpoints.restore(resume or ResumePoint())
         writer.open(keep_until=done if done else None)
-        progress = ProgressBar(t.steps, enabled=show_progress)
+        progress = ProgressBar(t.steps, enabled=show_progress, done=done)
         summary = TrainSummary(first_step=done + 1)
         tokens_per_step = t.global_batch_size * cfg.model.seq_len
         start = time.perf_counter()
