@@ -1,5 +1,5 @@
 """Reference transformer models as Keras 3 layers (TensorFlow backend), a layer per file."""
-from .base import CausalLM
+from .base import CausalLM, LMCrossEntropy
 from .causal_self_attention import CausalSelfAttention
 from .gpt import GPT
 from .llama import Llama
@@ -14,5 +14,5 @@ from .transformer_block import TransformerBlock
 #: The Keras model of each ``model.family``.
 MODEL_CLASSES = {"gpt": GPT, "llama": Llama}
 
-__all__ = ["MODEL_CLASSES", "CausalLM", "GPT", "Llama", "CausalSelfAttention", "LlamaAttention", "LlamaBlock",
+__all__ = ["MODEL_CLASSES", "CausalLM", "LMCrossEntropy", "GPT", "Llama", "CausalSelfAttention", "LlamaAttention", "LlamaBlock",
            "MLP", "PositionEmbedding", "RMSNorm", "SwiGLU", "TransformerBlock"]

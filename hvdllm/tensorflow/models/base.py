@@ -14,18 +14,73 @@ def dense(units: int, std: float, name: str, use_bias: bool = False) -> keras.la
                               kernel_initializer=keras.initializers.RandomNormal(stddev=std))
 
 
+class LMCrossEntropy:
+    """Mean next-token cross-entropy over every position of the batch.
+
+    A plain object, not a layer: it has no weights, and tensor parallelism
+    swaps it for the vocabulary-parallel one
+    (:mod:`hvdllm.tensorflow.tensor_parallel`) without the model knowing.
+
+    Args:
+        vocab_size: real vocabulary size; logit columns past it (padding
+            that lets a vocabulary split evenly) are ignored.
+    """
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def __call__(self, logits: Any, targets: Any) -> Any:
+        logits = self.full_logits(logits)
+        return ops.mean(ops.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+
+    def full_logits(self, logits: Any) -> Any:
+        """Logits over the whole real vocabulary, as the model produced them."""
+        return logits[..., :self.vocab_size]
+
+
 class CausalLM(keras.Model):
     """A model from token ids ``(b, t)`` to next-token logits ``(b, t, vocab)``.
 
-    Subclasses set ``seq_len`` (the longest context) and implement ``call``.
+    Subclasses set ``seq_len`` (the longest context) and ``vocab_size``,
+    build ``self.blocks`` (a list of layers ``x -> x``) and implement the
+    pieces a pipeline stage may own: ``embed(idx, training) -> x`` and
+    ``head(x) -> logits``.  ``call`` chains them.  The loss goes through
+    ``self.criterion``, which tensor parallelism may replace.
     """
 
     seq_len: int
+    vocab_size: int
+
+    @property
+    def criterion(self) -> LMCrossEntropy:
+        crit = self.__dict__.get("_hvdllm_criterion")
+        if crit is None:
+            crit = LMCrossEntropy(self.vocab_size)
+            object.__setattr__(self, "_hvdllm_criterion", crit)
+        return crit
+
+    def set_criterion(self, criterion: Any) -> None:
+        """Replace the loss (e.g. by the vocabulary-parallel one); not tracked by Keras."""
+        object.__setattr__(self, "_hvdllm_criterion", criterion)
+
+    def embed(self, idx: Any, training: bool = False) -> Any:
+        raise NotImplementedError
+
+    def head(self, x: Any) -> Any:
+        raise NotImplementedError
+
+    def run_blocks(self, x: Any, training: bool = False) -> Any:
+        for block in self.blocks:
+            x = block(x, training=training)
+        return x
+
+    def call(self, idx: Any, training: bool = False) -> Any:
+        self.check_length(idx)
+        return self.head(self.run_blocks(self.embed(idx, training=training), training=training))
 
     def next_token_loss(self, idx: Any, targets: Any, training: bool = False) -> Any:
         """Mean cross-entropy of predicting ``targets`` (b, t) from ``idx`` (b, t)."""
-        logits = self(idx, training=training)
-        return ops.mean(ops.sparse_categorical_crossentropy(targets, logits, from_logits=True))
+        return self.criterion(self(idx, training=training), targets)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int,
                  temperature: float = 0.8, top_k: int | None = 40) -> np.ndarray:
@@ -42,7 +97,8 @@ class CausalLM(keras.Model):
         idx = [int(t) for t in np.asarray(prompt).reshape(-1)]
         for _ in range(max_new_tokens):
             window = np.asarray(idx[-self.seq_len:], np.int64)[None, :]
-            logits = ops.convert_to_numpy(self(window, training=False))[0, -1]
+            logits = ops.convert_to_numpy(
+                self.criterion.full_logits(self(window, training=False)))[0, -1]
             logits = logits.astype(np.float64) / temperature
             if top_k is not None and top_k < logits.size:
                 kth = np.sort(logits)[-top_k]

@@ -47,7 +47,8 @@ class CausalSelfAttention(keras.layers.Layer):
 
     def call(self, x: Any, training: bool = False) -> Any:
         b, t = ops.shape(x)[0], ops.shape(x)[1]
-        qkv = ops.reshape(self.qkv(x), (b, t, 3, self.n_head, self.head_dim))
+        # Heads from the width (-1): a tensor-parallel shard holds only its own heads.
+        qkv = ops.reshape(self.qkv(x), (b, t, 3, -1, self.head_dim))
         # (b, t, 3, heads, head_dim) -> 3 x (b, heads, t, head_dim)
         q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.head_dim)
@@ -55,7 +56,7 @@ class CausalSelfAttention(keras.layers.Layer):
         scores = ops.where(causal, scores, float("-inf"))  # (b, heads, t, t)
         probs = self.attn_dropout(ops.softmax(scores, axis=-1), training=training)
         y = ops.matmul(probs, v)  # (b, heads, t, head_dim)
-        y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, self.d_model))
+        y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, -1))
         return self.proj(y)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:

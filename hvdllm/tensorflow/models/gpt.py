@@ -85,12 +85,11 @@ class GPT(CausalLM):
         self.ln_f.build(hidden_shape)
         super().build(input_shape)
 
-    def call(self, idx: Any, training: bool = False) -> Any:
-        self.check_length(idx)
+    def embed(self, idx: Any, training: bool = False) -> Any:
         tok = self.token_embedding(idx)  # (b, t, d_model)
-        x = self.embedding_dropout(tok + self.position_embedding(tok), training=training)
-        for block in self.blocks:
-            x = block(x, training=training)
+        return self.embedding_dropout(tok + self.position_embedding(tok), training=training)
+
+    def head(self, x: Any) -> Any:
         # Tied head: score every token by its embedding.
         return ops.matmul(self.ln_f(x), ops.transpose(self.token_embedding.embeddings))
 

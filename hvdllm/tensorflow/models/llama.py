@@ -74,11 +74,10 @@ class Llama(CausalLM):
         self.lm_head.build(hidden_shape)
         super().build(input_shape)
 
-    def call(self, idx: Any, training: bool = False) -> Any:
-        self.check_length(idx)
-        x = self.embedding_dropout(self.tok_emb(idx), training=training)
-        for block in self.blocks:
-            x = block(x, training=training)
+    def embed(self, idx: Any, training: bool = False) -> Any:
+        return self.embedding_dropout(self.tok_emb(idx), training=training)
+
+    def head(self, x: Any) -> Any:
         return self.lm_head(self.norm(x))
 
     def get_config(self) -> dict[str, Any]:
