@@ -62,14 +62,42 @@ def test_bad_values_name_the_key(overrides, pattern):
         build_config({}, overrides)
 
 
-@pytest.mark.parametrize("overrides, what", [
-    (["parallel.pp=2", "train.framework=tensorflow"], "pipeline parallelism"),
-    (["parallel.tp=2", "train.framework=tensorflow"], "tensor parallelism"),
-])
-def test_future_features_fail_at_config_time(overrides, what):
-    with pytest.raises(NotImplementedYetError, match="not implemented yet") as info:
-        build_config({}, overrides)
-    assert what in str(info.value)
+def test_config_checks_consult_the_adapter_declaration(monkeypatch):
+    """A feature the chosen adapter does not declare fails at config time, in one line."""
+    from hvdllm.common import capabilities
+    from hvdllm.tensorflow import capabilities as tf_caps
+
+    reduced = capabilities.Capabilities("tensorflow", tf_caps.CAPABILITIES.features
+                                        - {"pipeline", "compression:topk"})
+    monkeypatch.setattr(tf_caps, "CAPABILITIES", reduced)
+    with pytest.raises(NotImplementedYetError) as info:
+        build_config({}, ["train.framework=tensorflow", "model.n_layer=4", "parallel.pp=2",
+                          "train.compression=topk"])
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert "parallel.pp=2" in msg and "train.compression='topk'" in msg
+    assert "use train.framework='torch'" in msg
+    build_config({}, ["train.framework=torch", "model.n_layer=4", "parallel.pp=2",
+                      "train.compression=topk"])
+
+
+def test_every_config_choice_is_a_declared_feature_of_some_adapter():
+    """needed_features only names features an adapter can declare (no typos on either side)."""
+    from hvdllm.common import capabilities, config as config_mod
+
+    declared = set().union(*(capabilities.adapter_capabilities(fw).features
+                             for fw in config_mod.FRAMEWORKS))
+    cases = ([f"model.family={f}" for f in config_mod.MODEL_FAMILIES]
+             + [f"parallel.schedule={s}" for s in config_mod.PIPELINE_SCHEDULES]
+             + [f"parallel.partition={s}" for s in config_mod.PARTITIONS]
+             + [f"parallel.recompute={s}" for s in config_mod.RECOMPUTE]
+             + [f"train.optimizer={s}" for s in config_mod.OPTIMIZERS])
+    for case in cases:
+        cfg = build_config({}, [case, "model.n_layer=4", "parallel.pp=2", "parallel.tp=2",
+                                "parallel.sequence_parallel=true", "train.grad_clip=1",
+                                "train.precision=bf16"])
+        for feature, _ in capabilities.needed_features(cfg):
+            assert feature in declared, (case, feature)
 
 
 def test_unknown_key_in_file(tmp_path):

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
-from .errors import ConfigError, NotImplementedYetError
+from .capabilities import check_supported
+from .errors import ConfigError
 from .family import FAMILIES, default_d_ff, get_family
 
 FRAMEWORKS = ("torch", "tensorflow")
@@ -448,6 +449,7 @@ def validate(cfg: Config) -> None:
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg)
     _validate_data_parallel_depth(cfg)
+    check_supported(cfg)  # what the chosen framework's adapter declares it runs
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
         _positive(f"train.{name}", getattr(t, name))
     _positive("train.lr", t.lr)
@@ -499,14 +501,6 @@ def _validate_data_parallel_depth(cfg: Config) -> None:
     check_zero(t.zero, t.compression, t.optimizer)
     if not t.grad_clip >= 0:
         raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
-    if t.framework != "torch":
-        changed = [f"train.{k}={getattr(t, k)!r}" for k, default in
-                   (("optimizer", "adamw"), ("compression", "none"), ("zero", 0),
-                    ("precision", "fp32"), ("grad_clip", 0.0)) if getattr(t, k) != default]
-        if changed:
-            raise NotImplementedYetError(
-                f"{', '.join(changed)} with train.framework='{t.framework}': not implemented "
-                f"yet for {t.framework}; use train.framework='torch'")
 
 
 def _validate_pipeline(cfg: Config) -> None:
@@ -538,26 +532,15 @@ def _validate_pipeline(cfg: Config) -> None:
                 f"the interleaved schedule needs the micro-batches per step to divide by "
                 f"parallel.pp: global_batch_size={t.global_batch_size} / (micro_batch_size="
                 f"{t.micro_batch_size} x dp={p.dp}) = {micro} micro-batches, pp={p.pp}")
-    if p.pp > 1 and cfg.train.framework != "torch":
-        raise NotImplementedYetError(
-            f"parallel.pp={p.pp} with train.framework='{cfg.train.framework}': pipeline "
-            f"parallelism is not implemented yet for {cfg.train.framework}; use "
-            f"train.framework='torch' or parallel.pp=1")
 
 
 def _validate_tensor_parallel(cfg: Config) -> None:
     """Every sharded dimension must split evenly over parallel.tp."""
-    m, p, t = cfg.model, cfg.parallel, cfg.train
+    m, p = cfg.model, cfg.parallel
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel = true needs parallel.tp > 1")
     if p.tp == 1:
         return
-    if t.framework != "torch":
-        raise NotImplementedYetError(
-            f"parallel.tp={p.tp} with train.framework='{t.framework}': tensor parallelism "
-            f"is not implemented yet for {t.framework}; use train.framework='torch' or "
-            f"parallel.tp=1"
-        )
     for key, value in (("n_head", m.n_head), ("n_kv_head", m.kv_heads), ("d_ff", m.ff_width)):
         if value % p.tp:
             raise ConfigError(
