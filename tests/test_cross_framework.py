@@ -44,8 +44,7 @@ def test_torch_and_keras_gpt_agree_on_the_same_weights(shape):
 
     cfg, torch_model, tf_model = _models(SHAPES[shape])
     tensors = state_dict_numpy(torch_model)
-    assign_logical(tf_model.trainable_variables, tensors, "torch model",
-                   tied=family_spec(cfg.model).ties)
+    assign_logical(tf_model, family_spec(cfg.model), tensors, "torch model")
     idx = np.random.default_rng(0).integers(0, cfg.model.vocab_size, (2, cfg.model.seq_len))
     with torch.no_grad():
         want = torch_model(torch.from_numpy(idx)).numpy()

@@ -27,8 +27,8 @@ def build_model(cfg: Config) -> CausalLM:
     model = MODEL_CLASSES[m.family].from_model_config(m)
     model.build((None, m.seq_len))
     if m.init_from:  # the full weights, as the torch engine loads them
-        assign_logical(model.trainable_variables, initial_tensors(m.init_from, m),
-                       f"checkpoint {m.init_from}", tied=family_spec(m).ties)
+        assign_logical(model, family_spec(m), initial_tensors(m.init_from, m),
+                       f"checkpoint {m.init_from}")
     return model
 
 
@@ -82,9 +82,9 @@ class TensorFlowEngine:
         # argument matching, a fixed cost that is visible on small models.
         self._traced: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
         self._traced_sync: tf.types.experimental.ConcreteFunction | None = None
-        self.state = TensorFlowState(self.variables, self.optimizer,
-                                     list(self.model.non_trainable_variables), groups.dp.rank,
-                                     groups.dp.size, groups.rank)
+        self.state = TensorFlowState(self.model, self.variables, self, groups,
+                                     cfg.train.optimizer, family_spec(cfg.model),
+                                     extra=self.model.non_trainable_variables)
 
     def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, n: int) -> tuple[tf.Tensor, list]:
         """Loss of one micro-batch and the gradients of ``loss / n``."""
