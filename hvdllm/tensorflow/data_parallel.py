@@ -8,6 +8,9 @@ Accumulation therefore costs no traffic, and the step pays for a single
 Horovod negotiation rather than one per tensor.
 
 Horovod's Keras API is not used: it does not support Keras 3 variables.
+Compression, ZeRO-1, loss scaling and clipping build on this in
+:mod:`hvdllm.tensorflow.update`; :class:`TracedFunction` is the traced-once
+graph wrapper they share.
 """
 from __future__ import annotations
 
@@ -19,6 +22,29 @@ import tensorflow as tf
 
 from ..common import watchdog
 from ..common.comm import Group
+
+
+class TracedFunction:
+    """A ``tf.function`` traced on its first call; later calls skip argument matching.
+
+    For graphs whose arguments keep their shapes and dtypes (a training
+    step's gradients): calling the traced graph directly avoids
+    ``tf.function``'s per-call signature matching, a fixed cost that shows
+    on small models.  Pass tensors, not Python numbers, for values that
+    change between calls.
+
+    Args:
+        fn: the Python function to trace.
+    """
+
+    def __init__(self, fn: Any):
+        self.function = tf.function(fn)
+        self.concrete: Any = None
+
+    def __call__(self, *args: Any) -> Any:
+        if self.concrete is None:
+            self.concrete = self.function.get_concrete_function(*args)
+        return self.concrete(*args)
 
 
 def allreduce_gradients(grads: Sequence[tf.Tensor], group: Group, hvd: Any) -> list[tf.Tensor]:
