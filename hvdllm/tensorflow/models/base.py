@@ -5,6 +5,7 @@ from typing import Any
 
 import keras
 import numpy as np
+import tensorflow as tf
 from keras import ops
 
 
@@ -30,7 +31,8 @@ class LMCrossEntropy:
         self.vocab_size = vocab_size
 
     def __call__(self, logits: Any, targets: Any) -> Any:
-        logits = self.full_logits(logits)
+        # fp32 even when a mixed-precision policy computes the logits in bf16/fp16.
+        logits = ops.cast(self.full_logits(logits), "float32")
         return ops.mean(ops.sparse_categorical_crossentropy(targets, logits, from_logits=True))
 
     def full_logits(self, logits: Any) -> Any:
@@ -69,9 +71,18 @@ class CausalLM(keras.Model):
     def head(self, x: Any) -> Any:
         raise NotImplementedError
 
+    #: Recompute every block in backward (keep only its input); set from
+    #: ``parallel.recompute = "full"`` without a pipeline (whose executor
+    #: recomputes whole chunks itself).
+    recompute: bool = False
+
     def run_blocks(self, x: Any, training: bool = False) -> Any:
+        """Every block in order, each under ``tf.recompute_grad`` if :attr:`recompute`."""
         for block in self.blocks:
-            x = block(x, training=training)
+            if self.recompute and training:
+                x = tf.recompute_grad(lambda h, block=block: block(h, training=True))(x)
+            else:
+                x = block(x, training=training)
         return x
 
     def call(self, idx: Any, training: bool = False) -> Any:

@@ -46,9 +46,12 @@ class CausalSelfAttention(keras.layers.Layer):
         super().build(input_shape)
 
     def call(self, x: Any, training: bool = False) -> Any:
-        b, t = ops.shape(x)[0], ops.shape(x)[1]
-        # Heads from the width (-1): a tensor-parallel shard holds only its own heads.
-        qkv = ops.reshape(self.qkv(x), (b, t, 3, -1, self.head_dim))
+        qkv = self.qkv(x)
+        # Sizes from the projection, not from x: under sequence parallelism x holds
+        # part of the sequence and the projection gathers it; a tensor-parallel
+        # shard holds only its own heads (-1).
+        b, t = ops.shape(qkv)[0], ops.shape(qkv)[1]
+        qkv = ops.reshape(qkv, (b, t, 3, -1, self.head_dim))
         # (b, t, 3, heads, head_dim) -> 3 x (b, heads, t, head_dim)
         q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)
         scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / math.sqrt(self.head_dim)

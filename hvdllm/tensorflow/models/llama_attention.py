@@ -59,8 +59,10 @@ class LlamaAttention(keras.layers.Layer):
         return ops.transpose(ops.reshape(z, (b, t, -1, self.head_dim)), (0, 2, 1, 3))
 
     def call(self, x: Any, training: bool = False) -> Any:
-        b, t = ops.shape(x)[0], ops.shape(x)[1]
-        q, k, v = (self._heads(layer(x), b, t) for layer in (self.wq, self.wk, self.wv))
+        q, k, v = (layer(x) for layer in (self.wq, self.wk, self.wv))
+        # Sizes from the projections, not from x (see CausalSelfAttention).
+        b, t = ops.shape(q)[0], ops.shape(q)[1]
+        q, k, v = (self._heads(z, b, t) for z in (q, k, v))
         cos, sin = self._cos[:t], self._sin[:t]
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         group = self.n_head // self.n_kv_head

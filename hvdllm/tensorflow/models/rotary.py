@@ -27,8 +27,10 @@ def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
 
     Args:
         x: queries or keys.
-        cos, sin: tables cut to ``t`` rows.
+        cos, sin: tables cut to ``t`` rows (float32; cast to ``x``'s dtype under
+            a mixed-precision policy).
     """
+    cos, sin = ops.cast(cos, x.dtype), ops.cast(sin, x.dtype)
     first, second = ops.split(x, 2, axis=-1)
     rotated = ops.concatenate([-second, first], axis=-1)
     return x * cos + rotated * sin
