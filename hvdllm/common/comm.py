@@ -10,9 +10,11 @@ Every blocking call is posted non-blocking and then polled until a deadline.
 A peer that never shows up becomes a :class:`CommTimeoutError` naming the
 operation, the group and the ranks, instead of a hang.
 
-Point-to-point messages carry a small header (dtype and shape) ahead of the
-payload, so a receiver that expects a different shape or dtype fails with an
-error naming both ranks rather than reading garbage or blocking forever.
+Point-to-point messages use the framing of :mod:`hvdllm.common.p2p` (a
+small header with dtype and shape ahead of the payload), so a receiver that
+expects a different shape or dtype fails with an error naming both ranks
+rather than reading garbage or blocking forever.  Every wait, collective or
+point-to-point, is :func:`~hvdllm.common.p2p.wait_requests`.
 """
 from __future__ import annotations
 
@@ -21,15 +23,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import watchdog
-from .errors import CommError, CommTimeoutError
+from .errors import CommError
+# wait_requests is imported from here by callers that wait on their own requests.
+from .p2p import (HEADER_LEN, ArraySpec, MessageError, byte_view, numpy_dtype,  # noqa: F401
+                  wait_requests)
 
-_MAX_DIMS = 8
-_HEADER_LEN = 2 + _MAX_DIMS
-# Wire codes of the dtypes point-to-point messages may carry.
-_DTYPES = ("float32", "float64", "float16", "int64", "int32", "int16", "int8",
-           "uint8", "bool", "uint16", "uint32", "uint64", "complex64", "complex128")
-_DTYPE_CODE = {name: i for i, name in enumerate(_DTYPES)}
 _REDUCE_OPS = ("sum", "mean", "max", "min", "prod")
 
 
@@ -41,47 +39,6 @@ def _mpi():
 
 def _describe(dtype: Any, shape: Sequence[int]) -> str:
     return f"{np.dtype(dtype).name}[{','.join(str(int(s)) for s in shape)}]"
-
-
-def wait_requests(requests: list, what: str, deadline: float, *, op: str = "",
-                  group: "Group | None" = None, peers: Sequence[int] | None = None,
-                  nbytes: int = 0, max_pause: float = 1e-3) -> None:
-    """Poll MPI ``requests`` to completion with a short back-off, until ``deadline``.
-
-    The wait is an event of the flight record (:mod:`hvdllm.common.watchdog`);
-    past the deadline the running watchdog reports the hang and ends the
-    job, or, without one, :class:`CommTimeoutError` (``what``) is raised.
-
-    Args:
-        requests: mpi4py requests.
-        what: the full description for the error message.
-        deadline: ``time.monotonic()`` value.
-        op: short, rank-independent name of the operation (``what`` if empty).
-        group: the group waited on (its kind and ranks are recorded).
-        peers: global ranks waited for, when only some of the group's.
-        nbytes: payload bytes, for the record.
-        max_pause: longest sleep between polls (the back-off starts at 1 us).
-    """
-    MPI = _mpi()
-    wd = watchdog.current()
-    event = wd.begin(op or what, group.kind if group is not None else "world",
-                     group.ranks if group is not None else (), peers, nbytes)
-    try:
-        pause = 1e-6
-        while not MPI.Request.Testall(requests):
-            if time.monotonic() > deadline:
-                for req in requests:
-                    try:
-                        req.Cancel()
-                    except Exception:  # collectives cannot be cancelled
-                        pass
-                message = f"{what} timed out"
-                wd.expired(event, message)
-                raise CommTimeoutError(message)
-            time.sleep(pause)
-            pause = min(pause * 2, max_pause)
-    finally:
-        wd.end(event)
 
 
 class PendingOp:
@@ -276,18 +233,15 @@ class Group:
         """Post a send of ``array`` to group rank ``dest``; ``.wait()`` completes it."""
         self._check_peer(dest, "send")
         data = np.ascontiguousarray(array)
-        name = data.dtype.name
-        if name not in _DTYPE_CODE:
-            raise CommError(f"send: dtype {name} cannot be sent; supported: {', '.join(_DTYPES)}")
-        if data.ndim > _MAX_DIMS:
-            raise CommError(f"send: {data.ndim} dimensions exceed the maximum of {_MAX_DIMS}")
-        header = np.zeros(_HEADER_LEN, np.int64)
-        header[0], header[1] = _DTYPE_CODE[name], data.ndim
-        header[2:2 + data.ndim] = data.shape
+        spec = ArraySpec.of(data)
+        try:
+            header = spec.encode()
+        except MessageError as exc:
+            raise CommError(f"send on {self.kind} group: {exc}") from None
         reqs = [self.comm.Isend(header, dest=dest, tag=2 * tag),
-                self.comm.Isend(data, dest=dest, tag=2 * tag + 1)]
-        return self.pending(reqs, f"send of {_describe(data.dtype, data.shape)} (tag {tag})",
-                            [dest], data.nbytes, keepalive=(header, data))
+                self.comm.Isend(byte_view(data), dest=dest, tag=2 * tag + 1)]
+        return self.pending(reqs, f"send of {spec} (tag {tag})", [dest], data.nbytes,
+                            keepalive=(header, data))
 
     def send(self, array: Any, dest: int, tag: int = 0) -> None:
         self.isend(array, dest, tag).wait()
@@ -300,29 +254,26 @@ class Group:
         :class:`CommError` names both ranks and both descriptions.
         """
         self._check_peer(source, "recv")
-        header = np.empty(_HEADER_LEN, np.int64)
+        header = np.empty(HEADER_LEN, np.int64)
         self.pending([self.comm.Irecv(header, source=source, tag=2 * tag)],
                      f"recv (tag {tag}) header", [source]).wait()
-        code, ndim = int(header[0]), int(header[1])
-        if not 0 <= code < len(_DTYPES) or not 0 <= ndim <= _MAX_DIMS:
+        try:
+            got = ArraySpec.decode(header)
+        except MessageError:
             raise CommError(f"recv on {self.kind} group: malformed header from global rank "
-                            f"{self.ranks[source]} (tag {tag})")
-        got_dtype = np.dtype(_DTYPES[code])
-        got_shape = tuple(int(s) for s in header[2:2 + ndim])
-        want_dtype = got_dtype if dtype is None else np.dtype(dtype)
-        want_shape = got_shape if shape is None else tuple(int(s) for s in shape)
-        if (want_dtype, want_shape) != (got_dtype, got_shape):
+                            f"{self.ranks[source]} (tag {tag})") from None
+        want = ArraySpec(got.dtype if dtype is None else np.dtype(dtype).name,
+                         got.shape if shape is None else tuple(int(s) for s in shape))
+        if want != got:
             # Drain the payload so the sender is not left blocked, then fail.
-            junk = np.empty(got_shape, got_dtype)
+            junk = np.empty(got.nbytes, np.uint8)
             self.pending([self.comm.Irecv(junk, source=source, tag=2 * tag + 1)],
                          "recv payload", [source]).wait()
             raise CommError(
                 f"recv on {self.kind} group (tag {tag}): global rank {self.global_rank} expected "
-                f"{_describe(want_dtype, want_shape)} but global rank {self.ranks[source]} sent "
-                f"{_describe(got_dtype, got_shape)}"
+                f"{want} but global rank {self.ranks[source]} sent {got}"
             )
-        out = np.empty(got_shape, got_dtype)
-        self.pending([self.comm.Irecv(out, source=source, tag=2 * tag + 1)],
-                     f"recv of {_describe(got_dtype, got_shape)} (tag {tag})", [source],
-                     out.nbytes).wait()
+        out = np.empty(got.shape, numpy_dtype(got.dtype))
+        self.pending([self.comm.Irecv(byte_view(out), source=source, tag=2 * tag + 1)],
+                     f"recv of {got} (tag {tag})", [source], out.nbytes).wait()
         return out

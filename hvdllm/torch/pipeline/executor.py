@@ -1,7 +1,8 @@
 """The PyTorch pipeline executor: walk one stage's action list for a training step.
 
 The action list comes from :func:`hvdllm.common.schedules.build_schedule`
-and the executor follows the contract written there:
+and the walk over it (:class:`hvdllm.common.stage_walk.StageWalker`, shared
+with the TensorFlow executor) follows the contract written there:
 
 * ``RECV_ACT`` / ``RECV_GRAD`` post a non-blocking receive
   (:meth:`StageLink.irecv`); the ``FORWARD`` / ``BACKWARD`` that consumes it
@@ -28,27 +29,26 @@ sync context, which is where data-parallel allreduces start.
 from __future__ import annotations
 
 import contextlib
-import sys
 from typing import Callable, ContextManager, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from ...common import watchdog
 from ...common.comm import Group
-from ...common.errors import ConfigError
-from ...common.schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD,
-                                 Action, bubble_fraction_theory, build_schedule,
-                                 check_interleaved_shape, chunk_location, global_chunk_index,
-                                 max_message_tag, message_tag)
+from ...common.schedules import RECV_ACT, RECV_GRAD, SEND_ACT, chunk_location
+from ...common.stage_walk import StageWalker
 from ..models import CausalLM
-from .p2p import RecvHandle, SendHandle, StageLink, TensorSpec
+from .p2p import RecvHandle, StageLink, TensorSpec
 from .stage import Chunk, run_chunk
 
 
-class PipelineExecutor:
+class PipelineExecutor(StageWalker):
     """Runs one pipeline stage: its chunks of the model and its schedule.
+
+    The plan, the messages and the walk over the action list are the
+    core's (:class:`~hvdllm.common.stage_walk.StageWalker`); this class runs
+    the chunks' forwards and backwards with autograd.
 
     Args:
         model: this stage's cut model (see :func:`~hvdllm.torch.pipeline.stage.cut_stage`).
@@ -68,73 +68,18 @@ class PipelineExecutor:
                  activation_spec: TensorSpec, schedule: str = "1f1b", virtual_stages: int = 1,
                  recompute: bool = False, tied_weight: nn.Parameter | None = None,
                  verbose: bool = False):
-        if len(chunks) != virtual_stages:
-            raise ValueError(f"stage holds {len(chunks)} chunks but virtual_stages is "
-                             f"{virtual_stages}")
         self.model = model
         self.chunks = list(chunks)
-        self.group = group
-        self.stage, self.num_stages = group.rank, group.size
-        self.schedule = schedule
-        self.virtual_stages = virtual_stages
         self.recompute = recompute
-        self.spec = activation_spec
-        self.verbose = verbose
-        self.num_chunks = self.num_stages * virtual_stages
-        self.link = StageLink(group)
+        link = StageLink(group)
         # Self-describing messages on the link's communicator, for generation.
-        self._control = Group(group.kind, self.link.comm, group.ranks,
-                              timeout_sec=group.timeout_sec)
+        self._control = Group(group.kind, link.comm, group.ranks, timeout_sec=group.timeout_sec)
         self.tied_weight = tied_weight
         self.tied_peer = None
         if tied_weight is not None:
-            self.tied_peer = self.num_stages - 1 if self.stage == 0 else 0
-        self._plans: dict[int, list[Action]] = {}
-        self._last_m = 1
-        self._agree_shapes()
-
-    # -- set-up ------------------------------------------------------------
-    def _agree_shapes(self) -> None:
-        """Tell the neighbour stages what this stage sends; check what they send."""
-        outgoing, incoming = [], []
-        for c, chunk in enumerate(self.chunks):
-            g = chunk.index
-            if g < self.num_chunks - 1:
-                nxt = (self.stage + 1) % self.num_stages
-                outgoing.append((nxt, self._tag(SEND_ACT, 0, c, nxt), self.spec))
-                incoming.append((nxt, self._tag(RECV_GRAD, 0, c, nxt), self.spec,
-                                 f"gradients of chunk {g}'s output"))
-            if g > 0:
-                prev = (self.stage - 1) % self.num_stages
-                incoming.append((prev, self._tag(RECV_ACT, 0, c, prev), self.spec,
-                                 f"activations from chunk {g - 1}"))
-                outgoing.append((prev, self._tag(SEND_GRAD, 0, c, prev), self.spec))
-        self.link.agree(outgoing, incoming)
-
-    def _tag(self, kind, microbatch: int, chunk: int, peer: int) -> int:
-        return message_tag(Action(kind, microbatch, chunk, peer), self.stage, self.num_stages,
-                           self.virtual_stages)
-
-    def plan(self, num_microbatches: int) -> list[Action]:
-        """This stage's action list for ``num_microbatches`` (built once per count)."""
-        if num_microbatches not in self._plans:
-            p, m, v = self.num_stages, num_microbatches, self.virtual_stages
-            if self.schedule == "interleaved":
-                try:
-                    check_interleaved_shape(p, m, v)
-                except ValueError as exc:
-                    raise ConfigError(f"{exc} (micro-batches per step = global_batch_size / "
-                                      f"(dp * micro_batch_size))") from None
-            self.link.check_tags(max_message_tag(p, m, v) + 1)
-            if m < p and self.verbose:
-                bubble = bubble_fraction_theory(self.schedule, p, m, v)
-                print(f"hvdllm: warning: {m} micro-batch(es) for {p} pipeline stages: about "
-                      f"{bubble:.0%} of each step is pipeline bubble ({self.schedule}: "
-                      f"(p-1)/(m+p-1)); use at least {p} micro-batches per step (raise "
-                      f"train.global_batch_size or lower train.micro_batch_size)",
-                      file=sys.stderr, flush=True)
-            self._plans[m] = build_schedule(self.schedule, p, m, self.stage, v)
-        return self._plans[num_microbatches]
+            self.tied_peer = group.size - 1 if group.rank == 0 else 0
+        super().__init__(link, activation_spec, [c.index for c in self.chunks], schedule,
+                         virtual_stages, verbose)
 
     # -- one training step ---------------------------------------------------
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
@@ -161,37 +106,19 @@ class PipelineExecutor:
             The step's loss, mean over micro-batches, on every stage.
         """
         m = len(micro_batches)
-        actions = self.plan(m)
-        self._last_m = m
         step = _StepState(micro_batches, grad_sync or contextlib.nullcontext)
         self._autocast = autocast or contextlib.nullcontext
         self._scale_loss = scale_loss or (lambda loss: loss)
-        for action in actions:
-            kind, mb, c = action.kind, action.microbatch, action.chunk
-            if kind is RECV_ACT or kind is RECV_GRAD:
-                step.recvs[kind, mb, c] = self.link.irecv(
-                    action.peer, self._tag(kind, mb, c, action.peer), self.spec,
-                    self._what(kind, mb, c))
-            elif kind is FORWARD:
-                self._forward(step, mb, c)
-            elif kind is BACKWARD:
-                self._backward(step, mb, c)
-            else:
-                data = step.held[mb, c][1] if kind is SEND_ACT else step.input_grads.pop((mb, c))
-                step.sends.append(self.link.isend(data, action.peer,
-                                                  self._tag(kind, mb, c, action.peer),
-                                                  self._what(kind, mb, c)))
-            step.sends = [s for s in step.sends if not s.test()]
-        for s in step.sends:
-            s.wait()
-        if step.held or step.recvs or step.input_grads:
+        self.walk(m, step.recvs, lambda mb, c: self._forward(step, mb, c),
+                  lambda mb, c: self._backward(step, mb, c),
+                  lambda kind, mb, c: (step.held[mb, c][1] if kind is SEND_ACT
+                                       else step.input_grads.pop((mb, c))))
+        if step.held or step.input_grads:
             raise RuntimeError(f"pipeline stage {self.stage}: the schedule left work behind: "
-                               f"{sorted(step.held)} {sorted(step.recvs)} "
-                               f"{sorted(step.input_grads)}")
-        return self._shared_loss(step.losses, m)
+                               f"{sorted(step.held)} {sorted(step.input_grads)}")
+        return self.shared_loss(step.losses, m)
 
     def _forward(self, step: "_StepState", mb: int, c: int) -> None:
-        watchdog.current().set_micro(mb)
         chunk = self.chunks[c]
         x, y = step.micro_batches[mb]
         inp = None
@@ -207,7 +134,6 @@ class PipelineExecutor:
         step.held[mb, c] = (inp, out)
 
     def _backward(self, step: "_StepState", mb: int, c: int) -> None:
-        watchdog.current().set_micro(mb)
         inp, out = step.held.pop((mb, c))
         m = len(step.micro_batches)
         with step.sync() if mb == m - 1 else contextlib.nullcontext():
@@ -217,23 +143,6 @@ class PipelineExecutor:
                 torch.autograd.backward(out, step.recvs.pop((RECV_GRAD, mb, c)).wait())
         if inp is not None:
             step.input_grads[mb, c] = inp.grad
-
-    def _what(self, kind, mb: int, c: int) -> str:
-        g = global_chunk_index(self.stage, c, self.num_stages)
-        if kind.carries_activation:
-            a, b = (g, g + 1) if kind is SEND_ACT else (g - 1, g)
-            return f"activation of micro-batch {mb} (chunk {a} -> {b})"
-        a, b = (g, g - 1) if kind is SEND_GRAD else (g + 1, g)
-        return f"gradient of micro-batch {mb} (chunk {a} -> {b})"
-
-    def _shared_loss(self, losses: dict[int, float], m: int) -> float:
-        """Mean loss of the step (summed in micro-batch order), broadcast from the last stage."""
-        total = 0.0
-        for mb in sorted(losses):
-            total += losses[mb]
-        last = self.num_stages - 1
-        value = np.array([total / m if self.stage == last else 0.0], np.float64)
-        return float(self.group.broadcast(value, root=last)[0])
 
     # -- tied embedding -------------------------------------------------------
     def reduce_tied_grads(self) -> None:
@@ -247,9 +156,8 @@ class PipelineExecutor:
         grad = self.tied_weight.grad
         if grad is None:
             grad = self.tied_weight.grad = torch.zeros_like(self.tied_weight)
-        # Past every tag of the step's own messages (see plan()).
-        tag = max_message_tag(self.num_stages, self._last_m, self.virtual_stages) + 1
-        other = self.link.exchange(grad, self.tied_peer, tag, "tied embedding gradient")
+        other = self.link.exchange(grad, self.tied_peer, self.tied_tag(),
+                                   "tied embedding gradient")
         grad.add_(other)
 
     # -- inference ------------------------------------------------------------
@@ -302,7 +210,6 @@ class _StepState:
         self.micro_batches = micro_batches
         self.sync = sync
         self.recvs: dict[tuple, RecvHandle] = {}
-        self.sends: list[SendHandle] = []
         # (microbatch, chunk) -> (input that needs a gradient, or None; output or loss)
         self.held: dict[tuple[int, int], tuple[torch.Tensor | None, torch.Tensor]] = {}
         self.input_grads: dict[tuple[int, int], torch.Tensor] = {}
