@@ -189,9 +189,14 @@ def test_data_parallel_depth_settings_checked_at_config_time(overrides, pattern)
         build_config({}, overrides)
 
 
-def test_torch_only_training_features_are_refused_for_tensorflow():
-    with pytest.raises(NotImplementedYetError, match="train.zero=1"):
-        build_config({}, ["train.framework=tensorflow", "train.zero=1"])
+def test_tensorflow_declares_everything_torch_does():
+    """TensorFlow is a peer: no setting is left that only torch runs."""
+    from hvdllm.common.capabilities import adapter_capabilities
+
+    assert adapter_capabilities("torch").features <= adapter_capabilities("tensorflow").features
+    build_config({}, ["train.framework=tensorflow", "model.n_layer=4", "parallel.pp=2",
+                      "parallel.tp=2", "parallel.sequence_parallel=true", "train.zero=1",
+                      "train.precision=fp16", "train.grad_clip=1", "parallel.recompute=full"])
 
 
 def test_tensorflow_takes_the_whole_model_section():

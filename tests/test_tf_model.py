@@ -153,14 +153,15 @@ def groups():
     return init_groups(Topology(1, 1, 1), MPI.COMM_WORLD, 60.0)
 
 
-def _engine(groups, micro_batch_size: int, weight_decay: float = 0.1):
-    from hvdllm.tensorflow.engine import TensorFlowEngine
+def _engine(groups, micro_batch_size: int, weight_decay: float = 0.1, **parallel):
+    from hvdllm.tensorflow.engine import build_engine
 
     cfg = build_config({"model": {"seq_len": SEQ_LEN, "d_model": D_MODEL, "n_head": N_HEAD},
                         "train": {"framework": "tensorflow", "global_batch_size": 4,
                                   "micro_batch_size": micro_batch_size,
-                                  "weight_decay": weight_decay}})
-    return TensorFlowEngine(cfg, groups)
+                                  "weight_decay": weight_decay},
+                        "parallel": parallel})
+    return build_engine(cfg, groups, threads=2)
 
 
 def _global_batch() -> tuple[np.ndarray, np.ndarray]:
@@ -179,7 +180,7 @@ def test_engine_steps_reduce_loss(groups):
     losses = [engine.train_step(batch, 3e-3) for _ in range(6)]
     assert losses[-1] < losses[0] - 0.3
     assert checksum() != start
-    assert engine._step.experimental_get_tracing_count() == 1
+    assert engine._accumulate.experimental_get_tracing_count() == 1
 
 
 def test_engine_accumulation_matches_one_big_batch(groups):
@@ -209,3 +210,27 @@ def test_engine_weight_decay_spares_vectors(groups):
             np.testing.assert_allclose(new, 0.9 * old, atol=1e-5)
         else:
             np.testing.assert_allclose(new, old, atol=1e-5)
+
+
+def test_engine_recompute_runs_every_block_twice_with_the_same_result(groups):
+    """parallel.recompute = "full" (no pipeline): same loss and weights, blocks rerun in backward."""
+    plain = _engine(groups, micro_batch_size=2)
+    again = _engine(groups, micro_batch_size=2, recompute="full")
+    assert again.model.recompute and not plain.model.recompute
+    traced = {"plain": [], "again": []}
+    for name, engine in (("plain", plain), ("again", again)):
+        for block in engine.model.blocks:
+            original = block.call
+            block.call = (lambda *a, _o=original, _b=block, _t=traced[name], **k:
+                          _t.append(_b.name) or _o(*a, **k))
+    x, y = _global_batch()
+    for lr in (1e-3, 2e-3):
+        batch = [(x[:2], y[:2]), (x[2:], y[2:])]
+        assert again.train_step(batch, lr) == pytest.approx(plain.train_step(batch, lr),
+                                                            rel=1e-6)
+    for a, b in zip(plain.model.get_weights(), again.model.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # Each block is traced in forward; with recompute again inside its backward.
+    for block in again.model.blocks:
+        n = traced["plain"].count(block.name)
+        assert n > 0 and traced["again"].count(block.name) == 2 * n, traced

@@ -84,8 +84,15 @@ def broadcast_variables(variables: Sequence[Any], group: Group, hvd: Any, root: 
     """
     if group.size == 1:
         return
-    # Keras 3 variables wrap a tf.Variable; Horovod's in-place op needs the latter.
-    tf_variables = [v.value if isinstance(v, keras.Variable) else v for v in variables]
+    # One flat buffer, one negotiation: Horovod's grouped in-place broadcast
+    # reuses one name for every variable, which it refuses when several are
+    # in flight at once.
+    variables = list(variables)
+    flat = tf.concat([tf.reshape(tf.cast(v.value if isinstance(v, keras.Variable) else v,
+                                         tf.float32), [-1]) for v in variables], axis=0)
     with watchdog.current().waiting("broadcast of the initial weights", group.kind, group.ranks):
-        hvd.broadcast_(tf_variables, root_rank=group.ranks[root], name=f"{group.kind}.bcast",
-                       process_set=group.process_set)
+        flat = hvd.broadcast(flat, root_rank=group.ranks[root], name=f"{group.kind}.bcast",
+                             process_set=group.process_set)
+    sizes = [int(np.prod(v.shape)) for v in variables]
+    for v, part in zip(variables, tf.split(flat, sizes)):
+        v.assign(tf.cast(tf.reshape(part, v.shape), v.dtype))

@@ -1,4 +1,4 @@
-"""The TensorFlow training engine: Keras GPT, AdamW and data-parallel gradient sync."""
+"""The TensorFlow training engine: Keras model, tensor and pipeline parallelism, optimizer, DP sync."""
 from __future__ import annotations
 
 import warnings
@@ -14,10 +14,14 @@ from ..common.family import family_spec
 from ..common.init_from import initial_tensors
 from ..common.topology import ParallelGroups
 from ..common.train_checkpoint import CheckpointReader, RankState
-from .data_parallel import allreduce_gradients, broadcast_variables
+from .data_parallel import TracedFunction, broadcast_variables
 from .distributed import import_horovod
 from .models import MODEL_CLASSES, CausalLM
+from .pipeline import PipelineExecutor, build_pipeline, plan_split
+from .precision import precision_policy
 from .state import TensorFlowState, assign_logical
+from .tensor_parallel import TensorParallelGroup, parallelize
+from .update import GradientUpdate, build_optimizer
 
 
 def build_model(cfg: Config) -> CausalLM:
@@ -26,128 +30,145 @@ def build_model(cfg: Config) -> CausalLM:
     keras.utils.set_random_seed(cfg.train.seed)
     model = MODEL_CLASSES[m.family].from_model_config(m)
     model.build((None, m.seq_len))
+    # Pipelines recompute whole chunks in their executor; without one, every block.
+    object.__setattr__(model, "recompute", cfg.parallel.recompute == "full"
+                       and cfg.parallel.pp == 1)
     if m.init_from:  # the full weights, as the torch engine loads them
         assign_logical(model, family_spec(m), initial_tensors(m.init_from, m),
                        f"checkpoint {m.init_from}")
     return model
 
 
-def build_optimizer(model: keras.Model, cfg: Config) -> keras.optimizers.AdamW:
-    """AdamW with weight decay on matrices only (embeddings included; biases and norms not)."""
-    t = cfg.train
-    optimizer = keras.optimizers.AdamW(learning_rate=t.lr, weight_decay=t.weight_decay,
-                                       beta_1=t.beta1, beta_2=t.beta2, epsilon=t.eps)
-    optimizer.exclude_from_weight_decay(
-        var_list=[v for v in model.trainable_variables if len(v.shape) < 2])
-    # Build now, eagerly: the slot variables must exist before the step is traced.
-    optimizer.build(model.trainable_variables)
-    return optimizer
-
-
 class TensorFlowEngine:
-    """Data-parallel GPT training step: ``tf.function`` graphs, one Horovod allreduce.
+    """One rank's training step: TP-sharded Keras model, pipeline stage, DP sync, optimizer.
 
+    Built by :func:`build_engine`, in the order of the torch engine.
     Gradient accumulation: each micro-batch's loss is scaled by
-    1/accum_steps and its gradients are summed into the running total in
-    the graph; the DP allreduce runs once, on the total, after the last
-    micro-batch, so accumulation costs no traffic.
+    ``loss_scale / accum_steps`` and its gradients are summed in the graph
+    (a graph loop, the same size for any count); the data-parallel average
+    runs once, on the total, so accumulation costs no traffic.
 
-    With dp = 1 a step is one graph (accumulate and apply).  With dp > 1 it
-    is two: the accumulation graph, then the allreduce-and-apply graph.
-    The split lets the hang watchdog tell this rank's own computation
-    (never a hang, however slow) from the wait on its peers inside the
-    allreduce (bounded by ``parallel.timeout_sec``).
+    Without a pipeline a step is one traced graph of forward and backward
+    over every micro-batch.  With tp > 1 the tensor-parallel collectives
+    run inside that graph (Horovod ops on the TP process set), so the
+    hang watchdog counts the whole graph call as a wait on the TP group:
+    a frozen TP peer is reported after ``parallel.timeout_sec``, at the
+    price that this rank's own computation inside the graph counts towards
+    it too (one step of it, far below the deadline).  With pp > 1 the
+    stage's executor walks the schedule, one traced graph per chunk and
+    micro-batch, and its point-to-point waits are polled with deadlines.
+
+    After the gradients: the sequence-parallel sum over TP of the
+    replicated variables' gradients, the data-parallel average
+    (:class:`~hvdllm.tensorflow.update.GradientUpdate`: compression or
+    ZeRO-1), GPT's tied embedding summed over the first and last stages,
+    then unscale, overflow check, clipping and the optimizer step.
 
     Args:
-        cfg: the run's configuration.
-        groups: this rank's groups; gradients are averaged over ``groups.dp``.
+        cfg: the run's config.
+        groups: this rank's groups.
+        model: this rank's Keras model, sharded by ``parallelize``.
+        tp: the tensor-parallel group.
+        pipeline: the stage's executor (None without pipelining).
+        update: gradient averaging, clipping and the optimizer step.
+        num_params: parameters of the full model.
+        log_lines: start-up log lines (the pipeline split).
     """
 
-    def __init__(self, cfg: Config, groups: ParallelGroups):
+    def __init__(self, cfg: Config, groups: ParallelGroups, model: CausalLM,
+                 tp: TensorParallelGroup, pipeline: PipelineExecutor | None,
+                 update: GradientUpdate, num_params: int, log_lines: list[str]):
         self.cfg = cfg
         self.groups = groups
-        self.hvd = import_horovod()
-        self.model = build_model(cfg)
-        self.variables = list(self.model.trainable_variables)
-        broadcast_variables(self.variables, groups.dp, self.hvd)
-        self.optimizer = build_optimizer(self.model, cfg)
-        self.num_params = sum(int(np.prod(v.shape)) for v in self.variables)
-        self._grad_bytes = 4 * self.num_params
-        # Traced once per micro-batch layout; the learning rate is a tensor
-        # argument so that a new value each step does not retrace.
-        self._step = tf.function(self._step_graph)
+        self.model = model
+        self.tp = tp
+        self.pipeline = pipeline
+        self.update = update
+        self.num_params = num_params
+        self._log_lines = log_lines
+        self.variables = update.variables
+        self.optimizer = update.optimizer
+        self._metrics: dict = {}
+        # Traced once per micro-batch layout; calling the concrete graph directly
+        # skips tf.function's per-call argument matching.
         self._accumulate = tf.function(self._accumulate_graph)
-        self._sync = tf.function(self._sync_graph)
-        # Calling the traced graphs directly skips tf.function's per-call
-        # argument matching, a fixed cost that is visible on small models.
         self._traced: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
-        self._traced_sync: tf.types.experimental.ConcreteFunction | None = None
-        self.state = TensorFlowState(self.model, self.variables, self, groups,
-                                     cfg.train.optimizer, family_spec(cfg.model),
-                                     extra=self.model.non_trainable_variables)
+        self._sp_reduce = None
+        if tp.sequence_parallel:
+            self._sp_reduce = TracedFunction(self._sp_reduce_graph)
+        self.state = TensorFlowState(model, self.variables, update, groups, cfg.train.optimizer,
+                                     family_spec(cfg.model),
+                                     extra=model.non_trainable_variables)
 
-    def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, n: int) -> tuple[tf.Tensor, list]:
-        """Loss of one micro-batch and the gradients of ``loss / n``."""
+    def _micro_batch(self, x: tf.Tensor, y: tf.Tensor, scale: tf.Tensor) -> tuple:
+        """Loss of one micro-batch and the gradients of ``loss * scale``."""
         with tf.GradientTape() as tape:
             loss = self.model.next_token_loss(x, y, training=True)
-            scaled = loss / n
+            scaled = loss * scale
         grads = tape.gradient(scaled, self.variables)
         # Embedding lookups give IndexedSlices; the sum and the allreduce want dense tensors.
-        return loss, [tf.convert_to_tensor(g) for g in grads]
+        return loss, [tf.zeros(v.shape, tf.float32) if g is None else tf.convert_to_tensor(g)
+                      for g, v in zip(grads, self.variables)]
 
-    def _accumulate_graph(self, xs: tf.Tensor, ys: tf.Tensor) -> tuple[tf.Tensor, list]:
+    def _accumulate_graph(self, xs: tf.Tensor, ys: tf.Tensor, loss_scale: tf.Tensor) -> tuple:
         """Mean loss and summed gradients over micro-batches ``xs``, ``ys`` of shape (n, b, t)."""
         n = xs.shape[0]
-        total, grads = self._micro_batch(xs[0], ys[0], n)
+        scale = loss_scale / n
+        total, grads = self._micro_batch(xs[0], ys[0], scale)
         if n > 1:
-            # A graph loop, not an unrolled one: the graph stays the same size for any n.
             for i in tf.range(1, n):
-                loss, more = self._micro_batch(xs[i], ys[i], n)
+                # With tp > 1, one iteration at a time: Horovod refuses a collective
+                # whose name is still in flight from the previous iteration.
+                tf.autograph.experimental.set_loop_options(
+                    parallel_iterations=1 if self.tp.size > 1 else 10)
+                loss, more = self._micro_batch(xs[i], ys[i], scale)
                 total += loss
                 grads = [g + m for g, m in zip(grads, more)]
         return total / n, grads
 
-    def _apply(self, grads: list, lr: tf.Tensor) -> None:
-        self.optimizer.learning_rate.assign(lr)
-        self.optimizer.apply(grads, self.variables)
+    def _sp_reduce_graph(self, grads: list) -> list:
+        return self.tp.all_reduce_grads(grads, self.variables)
 
-    def _step_graph(self, xs: tf.Tensor, ys: tf.Tensor, lr: tf.Tensor) -> tf.Tensor:
-        """A whole optimizer step without data parallelism (dp = 1)."""
-        loss, grads = self._accumulate_graph(xs, ys)
-        self._apply(grads, lr)
-        return loss
-
-    def _sync_graph(self, grads: list, lr: tf.Tensor) -> None:
-        """Average the accumulated gradients over the DP group and apply them (dp > 1)."""
-        self._apply(allreduce_gradients(grads, self.groups.dp, self.hvd), lr)
+    def _gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple:
+        xs = tf.convert_to_tensor(np.stack([x for x, _ in micro_batches]))
+        ys = tf.convert_to_tensor(np.stack([y for _, y in micro_batches]))
+        scale = tf.constant(self.update.loss_scale, tf.float32)
+        key = (tuple(xs.shape), tuple(ys.shape), xs.dtype, ys.dtype)
+        graph = self._traced.get(key)
+        if graph is None:
+            graph = self._traced[key] = self._accumulate.get_concrete_function(xs, ys, scale)
+        if self.tp.size == 1:
+            loss, grads = graph(xs, ys, scale)
+        else:
+            tp = self.groups.tp
+            with watchdog.current().waiting("tensor-parallel forward/backward (TensorFlow "
+                                            "graph)", tp.kind, tp.ranks):
+                loss, grads = graph(xs, ys, scale)
+        return float(loss), list(grads)
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
-        xs = tf.convert_to_tensor(np.stack([x for x, _ in micro_batches]))
-        ys = tf.convert_to_tensor(np.stack([y for _, y in micro_batches]))
-        lr_t = tf.constant(lr, tf.float32)
-        key = (tuple(xs.shape), tuple(ys.shape), xs.dtype, ys.dtype)
-        dp = self.groups.dp
-        graph = self._traced.get(key)
-        if graph is None:
-            traced = self._step if dp.size == 1 else self._accumulate
-            args = (xs, ys, lr_t) if dp.size == 1 else (xs, ys)
-            graph = self._traced[key] = traced.get_concrete_function(*args)
-        if dp.size == 1:
-            return float(graph(xs, ys, lr_t))
-        loss, grads = graph(xs, ys)
-        if self._traced_sync is None:
-            self._traced_sync = self._sync.get_concrete_function(grads, lr_t)
-        with watchdog.current().waiting("dp gradient allreduce (TensorFlow graph)", dp.kind,
-                                        dp.ranks, nbytes=self._grad_bytes):
-            self._traced_sync(grads, lr_t)
-        return float(loss)
+        if self.pipeline is not None:
+            loss, grads = self.pipeline.train_step(micro_batches,
+                                                   loss_scale=self.update.loss_scale)
+        else:
+            loss, grads = self._gradients(micro_batches)
+        if self._sp_reduce is not None:
+            tp = self.groups.tp
+            with watchdog.current().waiting("sequence-parallel gradient allreduce", tp.kind,
+                                            tp.ranks):
+                grads = list(self._sp_reduce(grads))
+        grads = self.update.reduce(grads)
+        if self.pipeline is not None:
+            grads = self.pipeline.reduce_tied_grads(grads)
+        self._metrics = self.update.apply(grads, lr).as_metrics()
+        return loss
 
     def describe(self) -> list[str]:
-        return []
+        return list(self._log_lines)
 
     def step_metrics(self) -> dict:
-        return {}
+        return self._metrics
 
     def capture_state(self, state: RankState) -> None:
         self.state.capture(state)
@@ -156,16 +177,49 @@ class TensorFlowEngine:
         return self.state.restore(reader, same_layout)
 
     def generate(self, prompt: np.ndarray, max_new_tokens: int, seed: int) -> np.ndarray:
-        return self.model.generate(prompt, max_new_tokens, seed)
+        model = self.model if self.pipeline is None else self.pipeline.language_model()
+        with self.tp.sequence_parallel_off():  # generation lengths need not divide by tp
+            return model.generate(prompt, max_new_tokens, seed)
 
 
 def build_engine(cfg: Config, groups: ParallelGroups, threads: int) -> TensorFlowEngine:
-    """Engine for ``hvdllm train``; ``threads`` is this rank's share of the node's cores.
+    """The engine for ``hvdllm train``, built in the order of the torch engine.
 
-    Sets TensorFlow's thread pools first: they are fixed once any op has run.
+    config -> model (under the precision policy) -> tensor parallelism
+    (with sequence parallelism) -> pipeline cut -> data-parallel start ->
+    optimizer.  Every rank builds the full model from ``train.seed`` (or
+    ``model.init_from``) and keeps its slices of it, so any layout starts
+    from the weights of one process.  TensorFlow's thread pools are sized
+    first: they are fixed once any op has run.
+
+    Args:
+        cfg: the run's config.
+        groups: this rank's groups.
+        threads: this rank's share of the node's cores.
     """
     _set_threads(threads)
-    return TensorFlowEngine(cfg, groups)
+    hvd = import_horovod()
+    policy = precision_policy(cfg)
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(policy or "float32")
+    try:
+        model = build_model(cfg)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    num_params = sum(int(np.prod(v.shape)) for v in model.trainable_variables)
+    split = plan_split(model, cfg, groups) if cfg.parallel.pp > 1 else None
+    tp = TensorParallelGroup(groups.tp, cfg.parallel.sequence_parallel, hvd=hvd)
+    parallelize(model, tp)
+    pipeline, log_lines = None, []
+    if split is not None:
+        pipeline = build_pipeline(model, split, cfg, groups, tp)
+        log_lines.append(split.describe(cfg.parallel.pp))
+        variables = pipeline.variables
+    else:
+        variables = list(model.trainable_variables)
+    broadcast_variables(variables, groups.dp, hvd)
+    update = GradientUpdate(variables, build_optimizer(variables, cfg), cfg, groups, hvd)
+    return TensorFlowEngine(cfg, groups, model, tp, pipeline, update, num_params, log_lines)
 
 
 def _set_threads(threads: int) -> None:

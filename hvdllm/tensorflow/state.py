@@ -18,7 +18,9 @@ what:
   data-parallel rank per tensor, spread so each writes about 1/dp of the
   bytes; for tensors every TP rank holds alike, TP rank 0 only; the last
   pipeline stage's copy of GPT's tied embedding is not written;
-* ZeRO-1 moments: every data-parallel rank its own flat ranges;
+* ZeRO-1 moments: gathered over DP at capture and written like plain
+  slots (a flat range of a Keras kernel is not one of its transposed
+  logical tensor);
 * compression state, the random generator states: every rank, as private
   state, restored only on the same rank of the same layout.
 """
@@ -190,9 +192,8 @@ class TensorFlowState:
         for i, var in enumerate(self.variables):
             if self.writer[i] and self._owner(var):
                 out.add(self._piece(i, "param"), self._to_logical(i, var.numpy()))
-        zero = getattr(self.update, "zero", None)
-        if zero is not None:
-            self._capture_zero(zero, out)
+        if self.update.zero:
+            self._capture_zero(self.update.optimizer, out)
         else:
             opt = self.update.optimizer
             for i, var in enumerate(self.variables):
@@ -202,10 +203,10 @@ class TensorFlowState:
                         out.add(self._piece(i, kind), self._to_logical(i, value))
             out.shared["optimizer_steps"] = float(opt.iterations.numpy())
         out.shared["optimizer"] = self.optimizer_name
-        scaler = getattr(self.update, "loss_scaler", None)
+        scaler = self.update.precision.loss_scale
         if scaler is not None:
             out.shared["loss_scale"] = scaler.state_dict()
-        comp = getattr(self.update, "compressor", None)
+        comp = self.update.compressor
         if comp is not None:
             state = comp.state_dict()
             out.private["compression_steps"] = state.pop("steps")
@@ -215,11 +216,18 @@ class TensorFlowState:
             out.add(Piece(f"keras/{var.path}", "private"), var.numpy())
 
     def _capture_zero(self, zero: Any, out: RankState) -> None:
-        """ZeRO-1 moments, as whole logical tensors from the rank that writes each."""
-        out.shared["optimizer_steps"] = float(zero.steps)
-        for i, kind, value in zero.full_slots(self.writer):
-            if self._owner(self.variables[i]):
-                out.add(self._piece(i, kind), self._to_logical(i, value))
+        """ZeRO-1 moments as whole tensors, gathered over DP (collective: every DP rank calls).
+
+        A flat range of a Keras kernel is not a flat range of its
+        transposed logical tensor, so the moments are gathered and each
+        written whole by the rank that writes the parameter.
+        """
+        state = zero.gather_state_tensors()
+        out.shared["optimizer_steps"] = float(state["steps"])
+        for i, var in enumerate(self.variables):
+            if self.writer[i] and self._owner(var):
+                for kind in ("exp_avg", "exp_avg_sq"):
+                    out.add(self._piece(i, kind), self._to_logical(i, state[kind][i]))
 
     # -- restore --------------------------------------------------------------
     def restore(self, reader: CheckpointReader, same_layout: bool) -> list[str]:
@@ -232,13 +240,13 @@ class TensorFlowState:
         for i, var in enumerate(self.variables):
             var.assign(self._local(reader, "param", i))
         steps = int(reader.shared["optimizer_steps"])
-        zero = getattr(self.update, "zero", None)
-        kinds = [kind for kind, _ in _SLOTS[self.optimizer_name]]
-        if zero is not None:
-            slots = {kind: [self._local(reader, kind, i) if reader.has(kind, self.names[i][0])
-                            else np.zeros(var.shape, np.float32)
-                            for i, var in enumerate(self.variables)] for kind in kinds}
-            zero.load_full_slots(slots, steps)
+        if self.update.zero:  # after the variables: ZeRO re-reads its master shard from them
+            state: dict[str, Any] = {"steps": steps}
+            for kind, _ in _SLOTS[self.optimizer_name]:
+                state[kind] = [self._local(reader, kind, i) if reader.has(kind, self.names[i][0])
+                               else np.zeros(var.shape, np.float32)
+                               for i, var in enumerate(self.variables)]
+            self.update.optimizer.load_state_tensors(state)
         else:
             opt = self.update.optimizer
             for i, var in enumerate(self.variables):
@@ -246,14 +254,14 @@ class TensorFlowState:
                     if reader.has(kind, self.names[i][0]):
                         _slot(opt, var, suffix).assign(self._local(reader, kind, i))
             opt.iterations.assign(steps)
-        scaler = getattr(self.update, "loss_scaler", None)
+        scaler = self.update.precision.loss_scale
         if scaler is not None and "loss_scale" in reader.shared:
             scaler.load_state_dict(reader.shared["loss_scale"])
         rank = self.groups.world.rank
-        comp = getattr(self.update, "compressor", None)
+        comp = self.update.compressor
         if comp is not None:
             if same_layout and "compression_steps" in reader.rank_state(rank):
-                state: dict[str, Any] = {"steps": reader.rank_state(rank)["compression_steps"]}
+                state = {"steps": reader.rank_state(rank)["compression_steps"]}
                 for key in reader.private_keys(rank):
                     if key.startswith("compression/"):
                         state[key[len("compression/"):]] = reader.private(rank, key)
