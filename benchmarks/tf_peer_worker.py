@@ -3,7 +3,8 @@
 argv[1] is a JSON object: ``framework`` ("tensorflow" or "torch"), ``tp``,
 ``pp``, ``schedule``, ``micro`` (micro-batches per step), ``threads``, the
 LLaMA model (``n_layer``, ``n_head``, ``d_model``, ``seq_len``,
-``micro_batch``), ``warmup`` and ``steps``.  The engine is built as
+``micro_batch``), ``warmup`` and ``steps``.  A one-process TensorFlow side
+uses ``threads`` for both of TensorFlow's thread pools.  The engine is built as
 ``hvdllm train`` builds it, on as many ranks as the job has (tp x pp).
 Rank 0 prints one JSON line with the median step time (seconds) of the
 slowest rank, taken after a barrier each step.
@@ -39,6 +40,14 @@ def main() -> None:
     dist = importlib.import_module(f"hvdllm.{fw}.distributed")
     engine_mod = importlib.import_module(f"hvdllm.{fw}.engine")
     groups = dist.init_groups(Topology(1, S["tp"], S["pp"]), comm, 600.0)
+    if fw == "tensorflow" and comm.Get_size() == 1:
+        # A one-process side is the "1 thread" peer: TensorFlow's inter-op pool
+        # (2 in the engine, for in-graph collectives) would run two ops at once.
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(S["threads"])
+        tf.config.threading.set_inter_op_parallelism_threads(S["threads"])
+        engine_mod._set_threads = lambda threads: None
     engine = engine_mod.build_engine(cfg, groups, threads=S["threads"])
     rng = np.random.default_rng(0)
     micro = []
