@@ -30,6 +30,11 @@ TORCH_TP2_PP2_ZERO = ["parallel.tp=2", "parallel.pp=2", "train.zero=1", "train.m
                       "train.grad_clip=1.0"]
 TORCH_DP2_POWERSGD = ["parallel.dp=2", "train.compression=powersgd", "train.powersgd_rank=2"]
 TF_DP2 = ["parallel.dp=2", "train.framework=tensorflow"]
+TF_TP2_PP2_SP = ["train.framework=tensorflow", "parallel.tp=2", "parallel.pp=2",
+                 "parallel.sequence_parallel=true", "train.micro_batch_size=1",
+                 "train.grad_clip=1.0"]
+TF_DP2_TP2_ZERO = ["train.framework=tensorflow", "parallel.dp=2", "parallel.tp=2",
+                   "train.zero=1", "output.keep_checkpoints=10"]
 
 
 def _sets(out: Path, extra: list[str], steps: int = STEPS) -> list[str]:
@@ -141,6 +146,8 @@ def reference_runs(tmp_path_factory):
     ("torch-tp2-pp2-zero1", TORCH_TP2_PP2_ZERO),
     ("torch-dp2-powersgd", TORCH_DP2_POWERSGD),
     ("tensorflow-dp2", TF_DP2),
+    ("tensorflow-tp2-pp2-sp", TF_TP2_PP2_SP),
+    pytest.param("tensorflow-dp2-tp2-zero1", TF_DP2_TP2_ZERO, marks=pytest.mark.slow),
     pytest.param("torch-dp2-tp2-pp2-zero1", ["parallel.dp=2"] + TORCH_TP2_PP2_ZERO,
                  marks=pytest.mark.slow),
 ])
@@ -191,6 +198,29 @@ def test_resume_under_another_layout(target, tmp_path, reference_runs):
     # Rerunning the same command continues this run from its own newest checkpoint.
     res = run_ok(_cmd(_world(target), out, args, steps=STEPS + 1), TIMEOUT)
     assert "continuing from the newest" in res.stdout and f"at step {STEPS}" in res.stdout
+
+
+@pytest.mark.parametrize("target", [
+    ["train.framework=tensorflow"],
+    pytest.param(["train.framework=torch", "parallel.pp=2", "train.micro_batch_size=1"],
+                 marks=pytest.mark.slow),
+    pytest.param(["train.framework=tensorflow", "parallel.tp=2", "parallel.pp=2",
+                  "train.micro_batch_size=1"], marks=pytest.mark.slow),
+], ids=["tf-world1", "torch-pp2", "tf-tp2xpp2"])
+def test_tensorflow_resume_under_another_layout(target, tmp_path, reference_runs):
+    """A TensorFlow dp=2 x tp=2 ZeRO-1 run continues at another layout (or in torch)."""
+    ref = reference_runs("tensorflow-dp2-tp2-zero1", TF_DP2_TP2_ZERO)
+    start = 6
+    if start not in _committed(ref):
+        pytest.fail(f"reference run kept checkpoints {_committed(ref)}, not step {start}")
+    out = tmp_path / "resharded"
+    args = target + [f"train.resume={ref / 'checkpoints' / f'step-{start:08d}'}"]
+    res = run_ok(_cmd(_world(target), out, args), TIMEOUT)
+    assert "resharded" in res.stdout or "continued in torch" in res.stdout, res.stdout[-2000:]
+    want, got = _losses(ref), _losses(out)
+    assert sorted(got) == list(range(start + 1, STEPS + 1))
+    for step in got:
+        assert got[step] == pytest.approx(want[step], rel=1e-4), (step, got[step], want[step])
 
 
 def _start_long_run(out: Path, extra: list[str], steps: int) -> subprocess.Popen:
@@ -309,6 +339,7 @@ def test_stop_and_continue_is_bitwise_exact_in_one_process(extra, tmp_path):
 @pytest.mark.parametrize("name,extra", [
     ("torch-tp2-pp2-zero1", TORCH_TP2_PP2_ZERO),
     ("tensorflow-dp2", TF_DP2),
+    ("tensorflow-tp2-pp2-sp", TF_TP2_PP2_SP),
 ])
 def test_convert_consolidates_a_training_checkpoint(name, extra, tmp_path, reference_runs):
     """``hvdllm convert --to-hf`` takes a run's output.dir and assembles the shards itself."""

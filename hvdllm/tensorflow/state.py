@@ -61,9 +61,8 @@ def keras_variable(model: Any, tensor: LogicalTensor) -> tuple[Any, bool] | None
     *path, leaf = tensor.name.split(".")
     obj = model
     for part in path:
-        if part.isdigit():
-            blocks = obj
-            obj = blocks[int(part)] if int(part) < len(blocks) else None
+        if part.isdigit():  # by name: a pipeline stage holds only some of the blocks
+            obj = next((b for b in obj if b.name == f"block_{part}"), None)
         else:
             obj = getattr(obj, _KERAS_MODULES.get(part, part), None)
         if obj is None:
