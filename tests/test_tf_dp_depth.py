@@ -213,3 +213,36 @@ def test_dp_depth_on_two_ranks():
     assert res.stdout.count("tensorflow dp depth checks passed") == 2, res.stdout[-3000:]
     for what in ("compression", "zero", "fp16 overflow", "clipping"):
         assert res.stdout.count(f"{what} checks passed") >= 2, what
+
+
+@pytest.mark.multirank
+def test_training_metrics_carry_the_torch_fields(tmp_path):
+    """``hvdllm train`` in TensorFlow logs what torch logs, with the same bytes on the wire.
+
+    dp=2, fp16 with clipping and PowerSGD: comm_bytes (the same algorithm moves
+    the same bytes in both frameworks), grad_norm (on applied steps),
+    loss_scale and skipped.
+    """
+    from conftest import hvdllm_cmd, read_metrics
+
+    records = {}
+    for fw in ("torch", "tensorflow"):
+        out = tmp_path / fw
+        sets = [f"train.framework={fw}", "parallel.dp=2",
+                "train.precision=fp16", "train.grad_clip=1.0", "train.compression=powersgd",
+                "train.powersgd_rank=2", "model.n_layer=2", "model.d_model=32", "train.steps=6",
+                "model.seq_len=16", "train.global_batch_size=4", "output.checkpoint=false",
+                f"output.dir={out}"]
+        run_ok(mpirun_prefix(2) + hvdllm_cmd("train", *[a for s in sets for a in ("--set", s)]),
+               timeout=300)
+        records[fw] = read_metrics(out)
+    assert len(records["torch"]) == len(records["tensorflow"]) == 6
+    for want, got in zip(records["torch"], records["tensorflow"]):
+        # A skipped step has no norm; fp16 in Keras may overflow where torch's
+        # autocast does not (the scaler then halves the scale, as it should).
+        assert set(want) - {"grad_norm"} == set(got) - {"grad_norm"}, (sorted(want), sorted(got))
+        for rec in (want, got):
+            assert isinstance(rec["skipped"], bool) and rec["loss_scale"] > 0
+            assert ("grad_norm" in rec) == (not rec["skipped"]), rec
+        assert got["comm_bytes"] == want["comm_bytes"] > 0
+    assert any(not r["skipped"] for r in records["tensorflow"]), records["tensorflow"]

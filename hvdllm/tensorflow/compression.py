@@ -158,6 +158,23 @@ class GradientCompressor:
                 out[f"{table}/{name}"] = t.numpy().copy()
         return out
 
+    def forget_nonfinite(self) -> int:
+        """Drop state entries holding inf or NaN; those tensors start afresh next step.
+
+        Call after an fp16 step that overflowed: the step is skipped, but the
+        error feedback (and PowerSGD's Q) already took in the overflowing
+        gradient and would spoil every later step.  Q is the same on every
+        rank (it comes from allreduced values), so every rank drops alike and
+        draws the same fresh Q.  Returns how many entries were dropped.
+        """
+        dropped = 0
+        for table in self._state_tables:
+            entries = getattr(self, table)
+            for name in [n for n, t in entries.items() if not np.all(np.isfinite(t.numpy()))]:
+                del entries[name]
+                dropped += 1
+        return dropped
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (on the same rank of the same layout)."""
         self.steps = int(state.get("steps", 0))

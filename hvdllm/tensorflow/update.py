@@ -255,6 +255,8 @@ class GradientUpdate:
                     coef = inv * clip_coefficient(norm, self.grad_clip)
                     info.grad_norm = norm
                 self._step(grads, tf.constant(lr, tf.float32), tf.constant(coef, tf.float32))
+        if found_inf and self.compressor is not None:
+            self.compressor.forget_nonfinite()  # the overflow must not live on in its state
         self.precision.update(found_inf)
         if self.precision.loss_scale is not None:
             info.loss_scale = self.precision.scale

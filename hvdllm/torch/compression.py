@@ -43,6 +43,7 @@ from __future__ import annotations
 import zlib
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 import torch
 
 from ..common.comm import Group
@@ -180,6 +181,23 @@ class GradientCompressor:
             for name, t in getattr(self, table).items():
                 out[f"{table}/{name}"] = t.detach().clone()
         return out
+
+    def forget_nonfinite(self) -> int:
+        """Drop state entries holding inf or NaN; those tensors start afresh next step.
+
+        Call after an fp16 step that overflowed: the step is skipped, but the
+        error feedback (and PowerSGD's Q) already took in the overflowing
+        gradient and would spoil every later step.  Q is the same on every
+        rank (it comes from allreduced values), so every rank drops alike and
+        draws the same fresh Q.  Returns how many entries were dropped.
+        """
+        dropped = 0
+        for table in self._state_tables:
+            entries = getattr(self, table)
+            for name in [n for n, t in entries.items() if not np.all(np.isfinite(t.detach().cpu().numpy()))]:
+                del entries[name]
+                dropped += 1
+        return dropped
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (on the same rank of the same layout)."""

@@ -142,6 +142,8 @@ class GradientUpdate:
                                            self.groups.pp)
                 info.grad_norm = float(norm)
             self.optimizer.step()
+        if found_inf and self.compressor is not None:
+            self.compressor.forget_nonfinite()  # the overflow must not live on in its state
         self.precision.update(found_inf)
         if self.precision.loss_scale is not None:
             info.loss_scale = self.precision.scale
