@@ -35,7 +35,8 @@ LAYOUTS = {  # name: (dp, tp, sequence_parallel)
 _cache: dict = {}
 
 
-@pytest.mark.parametrize("np_,backend", [(2, "mpi"), (4, "mpi"), (2, "horovod")])
+@pytest.mark.parametrize("np_,backend", [(2, "mpi"), pytest.param(4, "mpi", marks=pytest.mark.slow),
+                                         (2, "horovod")])
 def test_tp_layers_match_dense(np_, backend):
     res = run_ok(mpirun_prefix(np_) + [sys.executable, str(SCRIPTS / "tp_layers_check.py"),
                                        backend], timeout=240)
@@ -62,8 +63,15 @@ def train_losses(family: str, layout: tuple[int, int, bool], tmp_path_factory) -
     return _cache[key]
 
 
+# In the default suite: one of each mechanism; tp=4 (four ranks on the CI's two
+# cores) and dp2 x tp2 without sequence parallelism run with -m slow.
+SLOW_LAYOUTS = {"tp4", "tp4_sp", "dp2_tp2"}
+
+
 @pytest.mark.parametrize("family", ["gpt", "llama"])
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("layout", [
+    pytest.param(name, marks=(pytest.mark.slow,) if name in SLOW_LAYOUTS else ())
+    for name in LAYOUTS])
 def test_tp_training_matches_single_process(family, layout, tmp_path_factory):
     ref = np.array(train_losses(family, (1, 1, False), tmp_path_factory))
     got = np.array(train_losses(family, LAYOUTS[layout], tmp_path_factory))
