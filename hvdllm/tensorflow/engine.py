@@ -84,6 +84,7 @@ class TensorFlowEngine:
         self.tp = tp
         self.pipeline = pipeline
         self.update = update
+        self.hvd = update.hvd
         self.num_params = num_params
         self._log_lines = log_lines
         self.variables = update.variables
