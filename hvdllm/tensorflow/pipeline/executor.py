@@ -5,9 +5,12 @@ and the walk over it, the messages and their tags are the core's
 (:class:`hvdllm.common.stage_walk.StageWalker`), the same as for the torch
 executor.  This module runs the chunks.
 
-Each chunk's forward is a traced ``tf.function`` per input shape.  What a
-stage keeps between the forward and the backward of a ``(micro-batch,
-chunk)`` pair depends on ``recompute``:
+Each chunk's forward is a traced ``tf.function`` per input shape.  The
+last chunk (head and loss) runs its forward and backward in one traced
+graph at its forward: its backward, which every schedule puts after it,
+only hands the input gradient on, and nothing is held in between.  What
+another chunk keeps between the forward and the backward of a
+``(micro-batch, chunk)`` pair depends on ``recompute``:
 
 * off (the default): the forward graph runs under an eager
   ``tf.GradientTape``.  TensorFlow then runs the variant of the graph that
@@ -22,11 +25,12 @@ chunk)`` pair depends on ``recompute``:
   are the forward's: the chunk's random-generator states are put back to
   what the forward saw while it runs.
 
-Every backward seeds the last chunk's loss with ``loss_scale / m`` (as in
-gradient accumulation) and adds its variable gradients into per-variable
-sums, which :meth:`PipelineExecutor.train_step` returns aligned with
-:attr:`PipelineExecutor.variables`.  The step's mean loss is broadcast from
-the last stage so every rank can log it.
+The last chunk's loss is seeded with ``loss_scale / m`` (as in gradient
+accumulation).  Each chunk's variable gradients are added into running
+sums in the graph that computes them (the last chunk's and recompute's),
+or in one traced call after the tape's gradient; :meth:`PipelineExecutor.train_step`
+returns the sums aligned with :attr:`PipelineExecutor.variables`.  The
+step's mean loss is broadcast from the last stage so every rank can log it.
 """
 from __future__ import annotations
 
@@ -44,7 +48,7 @@ from .stage import Chunk, run_chunk
 
 
 class _ChunkGraphs:
-    """The traced forward and backward of one chunk, per input shape.
+    """The traced graphs of one chunk, per input shape.
 
     Args:
         model: the stage's cut model.
@@ -62,18 +66,18 @@ class _ChunkGraphs:
         self._position = {id(v.value): i for i, v in enumerate(variables)}
         self._run = lambda *args: run_chunk(model, chunk, layers, *args)
         self._forward = tf.function(self._run, autograph=False)
-        self._backward = tf.function(self._recompute_grads, autograph=False)
-        self._accumulate = tf.function(lambda total, more: [a + b for a, b in zip(total, more)],
-                                       autograph=False)
+        self._gradients = tf.function(self._gradients_graph, autograph=False)
+        self._sum = tf.function(self._sum_graph, autograph=False)
         self._traced: dict[tuple, Any] = {}
-        self._traced_backward: dict[tuple, Any] = {}
-        self._traced_accumulate: Any = None
+        self._traced_gradients: dict[tuple, Any] = {}
+        self._traced_sum: dict[tuple, Any] = {}
         self.sources: list = []      # the tf.Variables the chunk trains
         self.indices: list[int] = []  # their positions in the stage's variables
         self.states: list = []       # random-generator states it reads (dropout)
+        self.loss_dtype: tf.DType = tf.float32
 
     def forward(self, args: tuple) -> tuple[tf.Tensor, Any]:
-        """The chunk's output (or loss) for ``args``, and what its backward needs."""
+        """The chunk's output for ``args``, and what its backward needs."""
         graph = self._graph(self._traced, self._forward, args)
         if self.recompute:
             states = [tf.identity(s) for s in self.states]
@@ -86,40 +90,55 @@ class _ChunkGraphs:
             out = graph(*args)
         return out, (tape, args[0])
 
-    def backward(self, saved: Any, out: tf.Tensor,
-                 output_grad: tf.Tensor) -> tuple[tf.Tensor | None, list]:
-        """The gradient of the chunk's input (None for token ids) and of its variables."""
+    def forward_backward(self, args: tuple, seed: float,
+                         sums: list | None) -> tuple[tf.Tensor, tf.Tensor | None, list]:
+        """The last chunk's loss, its input gradient and ``sums`` plus its variable gradients.
+
+        One traced graph: nothing is held between the forward and the
+        backward of the last chunk, which 1F1B runs back to back anyway.
+        ``seed`` is d(scaled step loss) / d(loss); ``sums`` is None for the
+        step's first micro-batch.
+        """
+        self._graph(self._traced, self._forward, args)  # names the chunk's variables
+        output_grad = tf.constant(seed, self.loss_dtype)
+        grad_args = (args, output_grad, sums or [])
+        return self._graph(self._traced_gradients, self._gradients, grad_args)(*grad_args)
+
+    def backward(self, saved: Any, out: tf.Tensor, output_grad: tf.Tensor,
+                 sums: list | None) -> tuple[tf.Tensor | None, list]:
+        """The gradient of the chunk's input (None for token ids), and ``sums`` plus the
+        gradients of its variables (``sums`` None: the step's first backward)."""
         if self.recompute:
             args, states = saved
             current = [tf.identity(s) for s in self.states]
             for var, value in zip(self.states, states):  # the forward's dropout masks
                 var.assign(value)
-            graph = self._graph(self._traced_backward, self._backward, (args, output_grad))
-            grads = graph(args, output_grad)
+            grad_args = (args, output_grad, sums or [])
+            _, input_grad, total = self._graph(self._traced_gradients, self._gradients,
+                                               grad_args)(*grad_args)
             for var, value in zip(self.states, current):
                 var.assign(value)
-        else:
-            tape, inputs = saved
-            sources = self.sources if self.chunk.first else [inputs] + self.sources
-            grads = tape.gradient(out, sources, output_gradients=output_grad)
-        if self.chunk.first:
-            return None, list(grads)
-        return grads[0], list(grads[1:])
+            return input_grad, total
+        tape, inputs = saved
+        sources = self.sources if self.chunk.first else [inputs] + self.sources
+        grads = tape.gradient(out, sources, output_gradients=output_grad)
+        input_grad, grads = (None, grads) if self.chunk.first else (grads[0], grads[1:])
+        # Embedding gradients are IndexedSlices, a variable the chunk does not
+        # reach has None: densified and summed in one traced call.
+        sum_args = (list(grads), sums or [])
+        key = tuple(type(g).__name__ for g in grads)
+        return input_grad, self._graph(self._traced_sum, self._sum, sum_args, key)(*sum_args)
 
-    def accumulate(self, total: list, more: list) -> list:
-        """``total + more``, element-wise, in one traced call."""
-        if self._traced_accumulate is None:
-            self._traced_accumulate = self._accumulate.get_concrete_function(total, more)
-        return self._traced_accumulate(total, more)
-
-    def _graph(self, cache: dict, function: Any, args: tuple) -> Any:
+    def _graph(self, cache: dict, function: Any, args: tuple, key: tuple = ()) -> Any:
         """``function`` traced for the shapes of ``args`` (once per shape)."""
-        key = tuple((tuple(a.shape), a.dtype) for a in tf.nest.flatten(args))
+        key += tuple((tuple(a.shape), a.dtype) for a in tf.nest.flatten(args))
         graph = cache.get(key)
         if graph is None:
             graph = cache[key] = function.get_concrete_function(*args)
             if function is self._forward and len(cache) == 1:  # the forward, traced first
                 self._read_variables(graph)
+                if self.chunk.last:
+                    self.loss_dtype = graph.structured_outputs.dtype
         return graph
 
     def _read_variables(self, graph: Any) -> None:
@@ -133,14 +152,23 @@ class _ChunkGraphs:
             else:
                 self.states.append(var)
 
-    def _recompute_grads(self, args: tuple, output_grad: tf.Tensor) -> list:
+    def _sum_graph(self, grads: list, sums: list) -> list:
+        """``sums + grads`` (just ``grads`` when ``sums`` is empty), as dense tensors."""
+        dense = [tf.zeros(s.shape, s.dtype) if g is None else tf.convert_to_tensor(g)
+                 for g, s in zip(grads, self.sources)]
+        return [a + b for a, b in zip(sums, dense)] if sums else dense
+
+    def _gradients_graph(self, args: tuple, output_grad: tf.Tensor, sums: list) -> tuple:
+        """Run the chunk under a tape: output, input gradient, ``sums`` plus variable gradients."""
         with tf.GradientTape(watch_accessed_variables=False) as tape:
             if not self.chunk.first:
                 tape.watch(args[0])
             tape.watch(self.sources)
             out = self._run(*args)
         inputs = [] if self.chunk.first else [args[0]]
-        return tape.gradient(out, inputs + self.sources, output_gradients=output_grad)
+        grads = tape.gradient(out, inputs + self.sources, output_gradients=output_grad)
+        input_grad = None if self.chunk.first else grads[0]
+        return out, input_grad, self._sum_graph(grads[len(inputs):], sums)
 
 
 class PipelineExecutor(StageWalker):
@@ -210,28 +238,32 @@ class PipelineExecutor(StageWalker):
         return self.shared_loss(step.losses, m), grads
 
     def _forward(self, step: "_StepState", mb: int, c: int) -> None:
-        chunk = self.chunks[c]
+        chunk, graphs = self.chunks[c], self._graphs[c]
         x, y = step.micro_batches[mb]
         if chunk.first:
             inputs = tf.convert_to_tensor(x)
         else:
             inputs = step.recvs.pop((RECV_ACT, mb, c)).wait()
-        args = (inputs, tf.convert_to_tensor(y)) if chunk.last else (inputs,)
-        out, saved = self._graphs[c].forward(args)
-        if chunk.last:
-            step.losses[mb] = float(out)
-        step.held[mb, c] = (saved, out)
+        if chunk.last:  # forward and backward in one graph; the backward hands on its result
+            loss, input_grad, total = graphs.forward_backward(
+                (inputs, tf.convert_to_tensor(y)), step.seed, step.sums(graphs))
+            step.store(graphs, total)
+            step.losses[mb] = float(loss)
+            step.held[mb, c] = (input_grad, None)
+            return
+        step.held[mb, c] = graphs.forward((inputs,))[::-1]
 
     def _backward(self, step: "_StepState", mb: int, c: int) -> None:
         saved, out = step.held.pop((mb, c))
+        graphs = self._graphs[c]
         if self.chunks[c].last:
-            output_grad = tf.constant(step.seed, out.dtype)
+            input_grad = saved
         else:
             output_grad = step.recvs.pop((RECV_GRAD, mb, c)).wait()
-        input_grad, grads = self._graphs[c].backward(saved, out, output_grad)
+            input_grad, total = graphs.backward(saved, out, output_grad, step.sums(graphs))
+            step.store(graphs, total)
         if input_grad is not None:
             step.input_grads[mb, c] = input_grad
-        step.add(self._graphs[c], grads)
 
     # -- tied embedding -------------------------------------------------------
     def reduce_tied_grads(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
@@ -312,20 +344,20 @@ class _StepState:
         self.micro_batches = micro_batches
         self.seed = seed  # d(scaled step loss) / d(micro-batch loss)
         self.recvs: dict[tuple, Any] = {}
-        # (microbatch, chunk) -> (what the backward needs, output or loss)
-        self.held: dict[tuple[int, int], tuple[Any, tf.Tensor]] = {}
+        # (microbatch, chunk) -> (what the backward needs, output); on the last
+        # chunk (its input gradient, None)
+        self.held: dict[tuple[int, int], tuple[Any, Any]] = {}
         self.input_grads: dict[tuple[int, int], tf.Tensor] = {}
         self.losses: dict[int, float] = {}
         self.grads: list[tf.Tensor | None] = [None] * num_variables
 
-    def add(self, graphs: _ChunkGraphs, grads: Sequence[Any]) -> None:
-        """Add one backward's gradients of a chunk's variables (None: got none) into the sums."""
-        indices = graphs.indices
-        if not indices:
-            return
-        dense = [tf.zeros_like(s) if g is None else tf.convert_to_tensor(g)
-                 for g, s in zip(grads, graphs.sources)]
-        if self.grads[indices[0]] is not None:
-            dense = graphs.accumulate([self.grads[i] for i in indices], dense)
-        for i, g in zip(indices, dense):
+    def sums(self, graphs: _ChunkGraphs) -> list | None:
+        """The running gradient sums of a chunk's variables (None before its first backward)."""
+        if not graphs.indices or self.grads[graphs.indices[0]] is None:
+            return None
+        return [self.grads[i] for i in graphs.indices]
+
+    def store(self, graphs: _ChunkGraphs, total: Sequence[tf.Tensor]) -> None:
+        """Keep a chunk's new gradient sums."""
+        for i, g in zip(graphs.indices, total):
             self.grads[i] = g
