@@ -1,9 +1,9 @@
 """Run under mpirun -np 2: the TensorFlow DP engine's communication pattern.
 
 The accumulation graph (with its loop over micro-batches) must hold no
-Horovod op, and the allreduce-and-apply graph exactly one allreduce (all
-gradients in one flat buffer) at its top level; the parameters must stay identical across ranks
-after steps on different data.
+Horovod op, the DP reduce graph exactly one allreduce (all gradients in one
+flat buffer) at its top level, and the optimizer's graph none; the
+parameters must stay identical across ranks after steps on different data.
 """
 import numpy as np
 from mpi4py import MPI
@@ -28,7 +28,8 @@ for _ in range(3):
     eng.train_step(micro, lr=1e-3)
 assert len(eng._traced) == 1, "the step was traced more than once"
 accumulate_def = next(iter(eng._traced.values())).graph.as_graph_def()
-sync_def = eng._traced_sync.graph.as_graph_def()
+sync_def = eng.update._allreduce.concrete.graph.as_graph_def()
+apply_def = eng.update._step.concrete.graph.as_graph_def()
 
 
 def horovod_ops(nodes):
@@ -40,8 +41,9 @@ def inner_ops(graph_def):
 
 
 # Accumulation (with its loop over micro-batches) communicates nothing; the
-# allreduce-and-apply graph holds exactly one allreduce, at its top level.
+# reduce graph holds exactly one allreduce, at its top level; applying none.
 assert horovod_ops(accumulate_def.node) == [] and inner_ops(accumulate_def) == []
+assert horovod_ops(apply_def.node) == [] and inner_ops(apply_def) == []
 assert horovod_ops(sync_def.node) == ["HorovodAllreduce"], horovod_ops(sync_def.node)
 assert inner_ops(sync_def) == [], inner_ops(sync_def)
 checksums = comm.allgather(float(sum(np.sum(v.numpy(), dtype=np.float64) for v in eng.variables)))
