@@ -27,14 +27,12 @@ from __future__ import annotations
 import math
 from typing import Any, Sequence
 
-import numpy as np
 import tensorflow as tf
 
 from ..common.comm import Group
+from ..common.grad_update import (PP_DUPLICATE_ATTR, TP_SHARDED_ATTR,  # noqa: F401
+                                  clip_coefficient, combine_squared_norms)
 
-TP_SHARDED_ATTR = "hvdllm_tp_sharded"
-# The last pipeline stage's copy of a tied embedding: counted on the first stage only.
-PP_DUPLICATE_ATTR = "hvdllm_pp_duplicate"
 
 
 def is_tp_sharded(variable: Any) -> bool:
@@ -45,26 +43,6 @@ def is_tp_sharded(variable: Any) -> bool:
 def is_pp_duplicate(variable: Any) -> bool:
     """Whether ``variable`` is a pipeline stage's second copy of a tied tensor (not counted)."""
     return bool(getattr(variable, PP_DUPLICATE_ATTR, False))
-
-
-def combine_squared_norms(tp_sharded_sq: float, replicated_sq: float, tp_group: Group | None,
-                          pp_group: Group | None) -> float:
-    """The global squared norm from this rank's two partial sums.
-
-    Collective over ``tp_group`` and ``pp_group`` (when they have more than one rank).
-
-    Args:
-        tp_sharded_sq: squared norm of this rank's TP-sharded gradients.
-        replicated_sq: squared norm of its gradients replicated across TP.
-        tp_group: tensor-parallel group, or None.
-        pp_group: pipeline-parallel group, or None.
-    """
-    if tp_group is not None and tp_group.size > 1:
-        tp_sharded_sq = float(tp_group.allreduce(np.array([tp_sharded_sq], np.float64), "sum")[0])
-    total = tp_sharded_sq + replicated_sq
-    if pp_group is not None and pp_group.size > 1:
-        total = float(pp_group.allreduce(np.array([total], np.float64), "sum")[0])
-    return total
 
 
 def squared_norm_parts(grads: Sequence[tf.Tensor], variables: Sequence[Any]) -> tf.Tensor:
@@ -98,11 +76,6 @@ def global_grad_norm(grads: Sequence[tf.Tensor], variables: Sequence[Any],
     """
     sharded, replicated = (float(x) for x in squared_norm_parts(grads, variables).numpy())
     return math.sqrt(combine_squared_norms(sharded, replicated, tp_group, pp_group))
-
-
-def clip_coefficient(norm: float, max_norm: float) -> float:
-    """What every gradient is multiplied by: ``min(1, max_norm / (norm + 1e-6))``."""
-    return min(1.0, max_norm / (norm + 1e-6))
 
 
 def clip_by_global_norm(grads: Sequence[tf.Tensor], variables: Sequence[Any], max_norm: float,

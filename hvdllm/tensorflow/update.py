@@ -35,7 +35,6 @@ optimizer's slots and ``iterations``, or under ZeRO-1
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import keras
@@ -44,31 +43,13 @@ import tensorflow as tf
 from ..common import watchdog
 from ..common.compression import wire_bytes
 from ..common.config import Config
+from ..common.grad_update import StepInfo
 from ..common.topology import ParallelGroups
 from .clip import clip_coefficient, combine_squared_norms, squared_norm_parts
 from .compression import GradientCompressor, make_compressor
 from .data_parallel import TracedFunction, allreduce_gradients
 from .precision import MixedPrecision
 from .zero import ZeroAdamW, zero_optimizer_from
-
-
-@dataclass
-class StepInfo:
-    """What one optimizer step did, for metrics."""
-
-    applied: bool = True
-    grad_norm: float | None = None
-    comm_bytes: int = 0
-    loss_scale: float | None = None
-
-    def as_metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"comm_bytes": self.comm_bytes}
-        if self.grad_norm is not None:
-            out["grad_norm"] = self.grad_norm
-        if self.loss_scale is not None:
-            out["loss_scale"] = self.loss_scale
-            out["skipped"] = not self.applied
-        return out
 
 
 class TorchSGD(keras.optimizers.Optimizer):

@@ -29,34 +29,12 @@ from __future__ import annotations
 import math
 from typing import Iterable
 
-import numpy as np
 import torch
 
 from ..common.comm import Group
+from ..common.grad_update import (PP_DUPLICATE_ATTR, TP_SHARDED_ATTR,  # noqa: F401
+                                  combine_squared_norms)
 
-TP_SHARDED_ATTR = "hvdllm_tp_sharded"
-# The last pipeline stage's copy of a tied embedding: counted on the first stage only.
-PP_DUPLICATE_ATTR = "hvdllm_pp_duplicate"
-
-
-def combine_squared_norms(tp_sharded_sq: float, replicated_sq: float, tp_group: Group | None,
-                          pp_group: Group | None) -> float:
-    """The global squared norm from this rank's two partial sums.
-
-    Collective over ``tp_group`` and ``pp_group`` (when they have more than one rank).
-
-    Args:
-        tp_sharded_sq: squared norm of this rank's TP-sharded gradients.
-        replicated_sq: squared norm of its gradients replicated across TP.
-        tp_group: tensor-parallel group, or None.
-        pp_group: pipeline-parallel group, or None.
-    """
-    if tp_group is not None and tp_group.size > 1:
-        tp_sharded_sq = float(tp_group.allreduce(np.array([tp_sharded_sq], np.float64), "sum")[0])
-    total = tp_sharded_sq + replicated_sq
-    if pp_group is not None and pp_group.size > 1:
-        total = float(pp_group.allreduce(np.array([total], np.float64), "sum")[0])
-    return total
 
 
 def global_grad_norm(parameters: Iterable[torch.nn.Parameter], tp_group: Group | None = None,

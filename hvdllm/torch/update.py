@@ -24,38 +24,19 @@ parallel norms over TP, tied embeddings over PP).
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any, ContextManager
 
 import torch
 
 from ..common.compression import wire_bytes
 from ..common.config import Config
+from ..common.grad_update import StepInfo
 from ..common.topology import ParallelGroups
 from .clip import clip_grad_norm_
 from .compression import make_compressor
 from .data_parallel import GradientSync
 from .precision import MixedPrecision
 from .zero import ZeroAdamW, zero_optimizer_from
-
-
-@dataclass
-class StepInfo:
-    """What one optimizer step did, for metrics."""
-
-    applied: bool = True
-    grad_norm: float | None = None
-    comm_bytes: int = 0
-    loss_scale: float | None = None
-
-    def as_metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"comm_bytes": self.comm_bytes}
-        if self.grad_norm is not None:
-            out["grad_norm"] = self.grad_norm
-        if self.loss_scale is not None:
-            out["loss_scale"] = self.loss_scale
-            out["skipped"] = not self.applied
-        return out
 
 
 class GradientUpdate:
