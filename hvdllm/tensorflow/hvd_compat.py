@@ -238,9 +238,20 @@ def _value(variable: Any) -> tf.Tensor:
     return tf.convert_to_tensor(variable)
 
 
-def _wire_dtype(dtype: tf.DType) -> tf.DType:
-    """The dtype a variable of ``dtype`` travels as (Horovod cannot move bool)."""
-    return tf.uint8 if dtype == tf.bool else dtype
+# Types Horovod does not move, and the same-width types their bits travel as.
+_WIRE_BITS = {tf.uint32: tf.int32, tf.uint64: tf.int64}
+
+
+def _to_wire(t: tf.Tensor) -> tf.Tensor:
+    if t.dtype == tf.bool:
+        return tf.cast(t, tf.uint8)
+    return tf.bitcast(t, _WIRE_BITS[t.dtype]) if t.dtype in _WIRE_BITS else t
+
+
+def _from_wire(t: tf.Tensor, dtype: tf.DType) -> tf.Tensor:
+    if dtype == tf.bool:
+        return tf.cast(t, tf.bool)
+    return tf.bitcast(t, dtype) if dtype in _WIRE_BITS else t
 
 
 @_not_converted
@@ -249,7 +260,8 @@ def broadcast_variables(variables: Iterable[Any], root_rank: int,
     """Copy ``variables`` from ``root_rank`` to every rank of ``process_set``, in place.
 
     Takes Keras 3 variables (``model.variables``, ``optimizer.variables``)
-    as well as ``tf.Variable``.  Variables travel in one flat buffer per
+    as well as ``tf.Variable``, of any dtype (bool and unsigned ones travel
+    as Horovod-supported types).  Variables travel in one flat buffer per
     dtype, so the call costs one negotiation per dtype; works eagerly and
     inside ``tf.function``.
 
@@ -270,15 +282,14 @@ def broadcast_variables(variables: Iterable[Any], root_rank: int,
     assigns = []
     with _bounded_wait("broadcast_variables", process_set):
         for dtype, group in by_dtype.items():
-            wire = _wire_dtype(dtype)
-            flat = tf.concat([tf.reshape(tf.cast(_value(v), wire), [-1]) for v in group], axis=0)
+            flat = tf.concat([tf.reshape(_to_wire(_value(v)), [-1]) for v in group], axis=0)
             flat = _hvd.broadcast(flat, root_rank=root_rank,
                                   name=f"hvdllm.broadcast_variables.{dtype.name}."
                                        f"{len(group)}.{sum(int(np.prod(v.shape)) for v in group)}",
                                   process_set=process_set)
             sizes = [int(np.prod(v.shape)) for v in group]
             for v, part in zip(group, tf.split(flat, sizes)):
-                assigns.append(v.assign(tf.cast(tf.reshape(part, v.shape), dtype)))
+                assigns.append(v.assign(_from_wire(tf.reshape(part, v.shape), dtype)))
     return None if tf.executing_eagerly() else tf.group(*[a for a in assigns if a is not None])
 
 

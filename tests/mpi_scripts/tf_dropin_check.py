@@ -83,15 +83,19 @@ assert close(traced_allreduce(t), np.full(3, ranks_sum))
 
 # -- broadcast_variables on Keras 3 ---------------------------------------------
 keras.utils.set_random_seed(10 + rank)  # different weights on each rank: broadcast must fix them
-probe = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8), keras.layers.Dense(3)])
+probe = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8), keras.layers.Dropout(0.1),
+                          keras.layers.BatchNormalization(), keras.layers.Dense(3)])
+flags = [tf.Variable(rank == 0), tf.Variable(np.uint32(2**32 - 1 - rank))]
 probe_opt = keras.optimizers.Adam(1e-3)
 probe_opt.build(probe.trainable_variables)
 for v in probe_opt.variables:
     v.assign(tf.cast(tf.fill(v.shape, rank + 1), v.dtype))  # iterations (int) too
 assert size == 1 or not same_on_all_ranks(probe.variables, "probe.before")
-hvd.broadcast_variables(probe.variables + list(probe_opt.variables), root_rank=0)
+assert any(v.dtype == "int64" for v in probe.variables)  # Dropout's seed state
+hvd.broadcast_variables(probe.variables + list(probe_opt.variables) + flags, root_rank=0)
 assert same_on_all_ranks(probe.variables + list(probe_opt.variables), "probe.after")
 assert int(probe_opt.iterations.numpy()) == 1
+assert bool(flags[0].numpy()) and int(flags[1].numpy()) == 2**32 - 1, flags
 
 
 @tf.function
