@@ -6,15 +6,20 @@
   ``broadcast_variables`` of Keras 3 model and optimizer variables, a
   ``tf.function`` loop with ``DistributedGradientTape`` equal to one process
   (SGD, Adam; 1e-5), each compression, op and option, and one-line errors
-  (before ``init()``, and for what a path cannot do).
+  (before ``init()``, and for what a path cannot do);
+* a frozen rank in an eager ``DistributedGradientTape`` loop ends the job
+  within the deadline, with a report naming it.
 """
+import json
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, base_env, mpirun_prefix, run_ok
+from conftest import REPO, base_env, mpirun_prefix, run, run_ok
 
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
 
@@ -71,3 +76,23 @@ def test_dropin_at_two_ranks():
     res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "tf_dropin_check.py")],
                  timeout=240)
     assert res.stdout.count("tf drop-in check passed") == 2, res.stdout[-2000:]
+
+
+@pytest.mark.multirank
+def test_frozen_rank_in_the_tape_loop_is_reported(tmp_path):
+    timeout = 10
+    env = base_env()
+    env["HVDLLM_HANG_DIR"] = str(tmp_path)
+    env["HVDLLM_TIMEOUT_SEC"] = str(timeout)
+    res = run(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "tf_dropin_hang.py")],
+              timeout=180, env=env)
+    ended = time.time()
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "finished without noticing" not in out, out[-3000:]
+    fault = float(re.search(r"fault stop on rank 1 at ([0-9.]+)", out).group(1))
+    assert ended - fault < timeout + 15, (ended - fault, out[-3000:])
+    head = next(line for line in out.splitlines() if "[hvdllm] HANG:" in line)
+    assert "likeliest culprit rank 1 (no heartbeat" in head, head
+    assert "DistributedGradientTape gradient reduction" in out and "at step 3" in out, out[-3000:]
+    record = json.loads((tmp_path / "hang-rank-0.json").read_text())
+    assert record["culprit"]["rank"] == 1 and record["not_arrived"] == [1]
