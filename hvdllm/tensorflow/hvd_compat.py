@@ -28,7 +28,9 @@ Reached through ``import hvdllm.tensorflow as hvd``: a script written for
   ``topk(ratio)`` and ``powersgd(rank)``.
 * ``DistributedOptimizer`` serves legacy ``tf.compat.v1`` optimizers only;
   a Keras 3 optimizer gets a one-line error pointing to the tape.
-* Every name is refused with a one-line error before :func:`init`.
+* Before :func:`init`, every collective, rank/size query and the tape are
+  refused with a one-line error saying to call ``init()`` first (also
+  inside ``tf.function``: these errors pass AutoGraph unchanged).
 * Every other name is Horovod's.
 
 This module imports Horovod and TensorFlow when it is imported;
