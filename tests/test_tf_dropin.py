@@ -8,7 +8,14 @@
   (SGD, Adam; 1e-5), each compression, op and option, and one-line errors
   (before ``init()``, and for what a path cannot do);
 * a frozen rank in an eager ``DistributedGradientTape`` loop ends the job
-  within the deadline, with a report naming it.
+  within the deadline, with a report naming it;
+* ``hvdllm.tensorflow.keras`` serves every public name of
+  horovod.tensorflow.keras and its callbacks, and at 2 ranks
+  (tests/mpi_scripts/tf_keras_dropin_check.py) Keras 3 ``fit`` with
+  ``DistributedOptimizer`` equals one process (SGD, Adam; 1e-5),
+  ``backward_passes_per_step=4`` equals a 4x batch with its communication
+  only in the 4th pass's branch, each callback has its effect, and bad input
+  (including shapes that differ across ranks) gets one-line errors.
 """
 import json
 import re
@@ -96,3 +103,29 @@ def test_frozen_rank_in_the_tape_loop_is_reported(tmp_path):
     assert "DistributedGradientTape gradient reduction" in out and "at step 3" in out, out[-3000:]
     record = json.loads((tmp_path / "hang-rank-0.json").read_text())
     assert record["culprit"]["rank"] == 1 and record["not_arrived"] == [1]
+
+
+def test_keras_serves_every_public_name_of_horovod_tensorflow_keras():
+    out = python("""
+import types
+import horovod.tensorflow.keras as horovod_keras
+import horovod.tensorflow.keras.callbacks as horovod_callbacks
+import hvdllm.tensorflow.keras as hvd
+public = {n for n in dir(horovod_keras) if not n.startswith("_")
+          and not isinstance(getattr(horovod_keras, n), types.ModuleType)}
+missing = sorted(n for n in public if not hasattr(hvd, n))
+assert not missing, missing
+callbacks = {n for n in dir(horovod_callbacks) if n.endswith("Callback") or n.endswith("Checkpoint")}
+missing = sorted(n for n in callbacks if not hasattr(hvd.callbacks, n))
+assert callbacks and not missing, missing
+print("served", len(public), len(callbacks))
+""")
+    assert "served" in out
+
+
+@pytest.mark.multirank
+def test_keras_dropin_at_two_ranks():
+    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "tf_keras_dropin_check.py")],
+                 timeout=300)
+    assert res.stdout.count("tf keras drop-in check passed") == 2, res.stdout[-2000:]
+    assert "finished gradual learning rate warmup to 0.04" in res.stdout

@@ -94,6 +94,39 @@ class UnsupportedError(TypeError, ValueError):
     ag_pass_through = True
 
 
+class ShapeMismatchError(ValueError):
+    """Ranks sent tensors of different shapes to one collective (one line, naming them)."""
+
+    ag_pass_through = True
+
+
+def _describe_mismatch(what: str, shapes: list[Any], names: list[str] | None,
+                       process_set: Any) -> str:
+    """One line naming the ranks whose tensor shapes differ, found by an allgather of them.
+
+    Called on every rank of ``process_set`` after Horovod refused a
+    collective for mismatched shapes (Horovod reports it to all of them).
+    """
+    ranks = _set_ranks(process_set)
+    everyone = _hvd.allgather_object([list(s) for s in shapes], process_set=process_set)
+    first = everyone[0]
+    for r, theirs in zip(ranks[1:], everyone[1:]):
+        if len(theirs) != len(first):
+            return (f"{what}: rank {ranks[0]} sent {len(first)} tensors, rank {r} sent "
+                    f"{len(theirs)}")
+        for i, (a, b) in enumerate(zip(first, theirs)):
+            if a != b:
+                which = "" if len(first) == 1 else (
+                    f" (tensor {i}{f' {names[i]!r}' if names else ''})")
+                return f"{what}{which}: rank {ranks[0]} sent shape {a}, rank {r} sent shape {b}"
+    return f"{what}: tensor shapes differ across ranks {list(ranks)}"
+
+
+def _is_shape_mismatch(exc: BaseException) -> bool:
+    return isinstance(exc, tf.errors.OpError) and "Mismatched" in str(exc) and (
+        "shape" in str(exc) or "dimension" in str(exc))
+
+
 def _require_init(what: str) -> None:
     if not _hvd.is_initialized():
         raise NotInitializedError(f"hvd.{what}: Horovod is not initialized; call hvd.init() first")
@@ -172,8 +205,19 @@ def _collective(name: str) -> Callable[..., Any]:
         compression = kwargs.get("compression")
         if isinstance(compression, CompressionSpec):
             compression.compress(None)  # raises: a single collective cannot take it
-        with _bounded_wait(f"horovod.tensorflow.{name}", kwargs.get("process_set")):
-            return fn(*args, **kwargs)
+        process_set = kwargs.get("process_set", _hvd.global_process_set)
+        with _bounded_wait(f"horovod.tensorflow.{name}", process_set):
+            try:
+                return fn(*args, **kwargs)
+            except tf.errors.OpError as exc:
+                if not (_is_shape_mismatch(exc) and tf.executing_eagerly() and args):
+                    raise
+                tensors = tf.nest.flatten(args[0])
+                label = kwargs.get("name") or (args[1] if name == "allreduce" and len(args) > 1
+                                               and isinstance(args[1], str) else None)
+                what = f"hvd.{name}" + (f" {label!r}" if label else "")
+                message = _describe_mismatch(what, [t.shape for t in tensors], None, process_set)
+            raise ShapeMismatchError(message)
 
     return call
 
@@ -310,24 +354,145 @@ def _source_names(sources: Sequence[Any]) -> list[str]:
             for i, s in enumerate(sources)]
 
 
-class _DistributedTape:
-    """Mixed into the wrapped tape's class: ``gradient()`` returns averaged gradients."""
+class GradientReducer:
+    """Reduces a list of gradients over a process set, as Horovod's wrappers do.
 
-    def _hvdllm_setup(self, compression: Any, op: Any, gradient_predivide_factor: float,
-                      process_set: Any, sparse_as_dense: bool, scale_local_gradients: bool,
-                      compressor: GradientCompressor | None) -> None:
+    Shared by :func:`DistributedGradientTape` and the Keras
+    ``DistributedOptimizer`` (:mod:`hvdllm.tensorflow.keras`).  Dense
+    gradients of one dtype travel in one fused allreduce (Horovod's
+    ``Compression.none``/``fp16``; Adasum: one allreduce each) or through an
+    hvdllm compressor; ``tf.IndexedSlices`` travel as Horovod's sparse
+    allreduce unless ``sparse_as_dense``.
+    """
+
+    def __init__(self, compression: Any, op: Any, gradient_predivide_factor: float,
+                 process_set: Any, sparse_as_dense: bool, scale_local_gradients: bool,
+                 what: str) -> None:
+        if compression in (Compression.topk, Compression.powersgd):
+            compression = compression()
+        _check_reduce_options(what, compression, op, gradient_predivide_factor, process_set)
         self.compression = compression
         self.op = op
         self.gradient_predivide_factor = gradient_predivide_factor
         self.process_set = process_set
         self.sparse_as_dense = sparse_as_dense
         self.scale_local_gradients = scale_local_gradients
-        self.compressor = compressor
-        self._hvdllm_local: set[int] = set()
+        self.what = what
+        self.compressor = (_compressor(compression) if isinstance(compression, CompressionSpec)
+                           else None)
+        self.local: set[int] = set()
+
+    def reduce(self, sources: list[Any], grads: list[Any]) -> list[Any]:
+        """``grads`` (one per source, ``None`` allowed) reduced over the process set."""
+        size = self.process_set.size()
+        out = list(grads)
+        todo = [i for i, (s, g) in enumerate(zip(sources, grads))
+                if g is not None and id(s) not in self.local]
+        for i, (s, g) in enumerate(zip(sources, grads)):
+            if g is not None and id(s) in self.local and self.scale_local_gradients:
+                out[i] = (tf.IndexedSlices(g.values / size, g.indices, g.dense_shape)
+                          if isinstance(g, tf.IndexedSlices) else g / size)
+        if self.sparse_as_dense or self.compressor is not None:
+            for i in todo:
+                if isinstance(out[i], tf.IndexedSlices):
+                    out[i] = tf.convert_to_tensor(out[i])
+        if not todo or size == 1 and self.compressor is None:
+            return out
+        sparse = [i for i in todo if isinstance(out[i], tf.IndexedSlices)]
+        dense = [i for i in todo if i not in sparse]
+        try:
+            reduced = self._reduce_dense_and_sparse(sources, out, dense, sparse)
+        except tf.errors.OpError as exc:
+            if not (_is_shape_mismatch(exc) and tf.executing_eagerly()):
+                raise
+            message = _describe_mismatch(
+                f"{self.what} gradient reduction", [out[i].shape for i in todo],
+                [_source_names([sources[i]])[0].split(":", 1)[1] for i in todo],
+                self.process_set)
+            raise ShapeMismatchError(message) from None
+        for i, g in zip(dense, reduced):
+            out[i] = g
+        return out
+
+    def _reduce_dense_and_sparse(self, sources: list[Any], out: list[Any], dense: list[int],
+                                 sparse: list[int]) -> list[Any]:
+        """Reduce ``out[sparse]`` in place; return the reduced ``out[dense]``."""
+        with _bounded_wait(f"{self.what} gradient reduction", self.process_set):
+            for i in sparse:
+                out[i] = _hvd.allreduce(out[i], op=self.op, process_set=self.process_set,
+                                        name=f"hvdllm.grad.sparse.{i}" if tf.executing_eagerly()
+                                        else None)
+            if self.compressor is not None:
+                reduced = self._compressed([sources[i] for i in dense], [out[i] for i in dense])
+            else:
+                reduced = self._allreduced([out[i] for i in dense])
+        return reduced
+
+    def _allreduced(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
+        """Horovod's path: one fused allreduce per dtype (Adasum: one allreduce per tensor)."""
+        prescale = postscale = 1.0
+        if self.op == _hvd.Average and self.gradient_predivide_factor != 1.0:
+            prescale = 1.0 / self.gradient_predivide_factor
+            postscale = self.gradient_predivide_factor
+        if self.op == _hvd.Adasum:
+            # Per-tensor arithmetic, so the tensors stay apart; one allreduce
+            # each (Horovod's grouped allreduce fails with Adasum).
+            out = []
+            for i, g in enumerate(grads):
+                wire, ctx = self.compression.compress(g)
+                wire = _hvd.allreduce(wire, op=self.op, process_set=self.process_set,
+                                      name=f"hvdllm.grad.adasum.{i}")
+                out.append(self.compression.decompress(wire, ctx))
+            return out
+        out: list[Any] = [None] * len(grads)
+        by_dtype: dict[tf.DType, list[int]] = {}
+        for i, g in enumerate(grads):
+            by_dtype.setdefault(g.dtype, []).append(i)
+        for dtype, idx in by_dtype.items():
+            parts = [grads[i] for i in idx]
+            sizes = [int(np.prod(g.shape)) for g in parts]
+            flat = tf.concat([tf.reshape(g, [-1]) for g in parts], axis=0)
+            wire, ctx = self.compression.compress(flat)
+            wire = _hvd.allreduce(wire, op=self.op, prescale_factor=prescale,
+                                  postscale_factor=postscale, process_set=self.process_set,
+                                  name=f"hvdllm.grad.{dtype.name}.{len(parts)}.{sum(sizes)}")
+            flat = self.compression.decompress(wire, ctx)
+            for i, g, part in zip(idx, parts, tf.split(flat, sizes)):
+                out[i] = tf.reshape(part, g.shape)
+        return out
+
+    def _compressed(self, sources: list[Any], grads: list[tf.Tensor]) -> list[tf.Tensor]:
+        """hvdllm's path: the compressor's average (as fp32), cast back to each gradient's dtype."""
+        fp32 = [tf.cast(g, tf.float32) for g in grads]
+        if tf.executing_eagerly():
+            averaged = self.compressor.reduce(fp32, _source_names(sources))
+        elif self.compressor.mode == "bf16":  # stateless: its graph code runs in the caller's
+            averaged = self.compressor._half_graph(fp32)
+        else:
+            raise UnsupportedError(f"Compression.{self.compressor.mode} keeps state between "
+                                   f"steps and runs eagerly only ({self.what}); reduce outside "
+                                   f"tf.function (Keras: compile(run_eagerly=True)), or use "
+                                   f"Compression.none, fp16 or bf16 there")
+        return [tf.cast(a, g.dtype) for a, g in zip(averaged, grads)]
+
+
+class _DistributedTape:
+    """Mixed into the wrapped tape's class: ``gradient()`` returns reduced gradients."""
+
+    _hvdllm_reducer: GradientReducer
+
+    def __getattr__(self, name: str) -> Any:
+        # Horovod's tape attributes (compression, op, process_set, ...) read through.
+        reducer = self.__dict__.get("_hvdllm_reducer")
+        if reducer is not None and name in ("compression", "op", "gradient_predivide_factor",
+                                            "process_set", "sparse_as_dense",
+                                            "scale_local_gradients", "compressor"):
+            return getattr(reducer, name)
+        raise AttributeError(name)
 
     def register_local_source(self, source: Any) -> None:
         """Leave ``source``'s gradient local (divided by the set's size, as Horovod does)."""
-        self._hvdllm_local.add(id(source))
+        self._hvdllm_reducer.local.add(id(source))
 
     @_not_converted
     def gradient(self, target: Any, sources: Any, output_gradients: Any = None,
@@ -344,8 +509,8 @@ class _DistributedTape:
         flat_sources = tf.nest.flatten(sources)
         flat_grads = tf.nest.flatten(grads, expand_composites=False)
         if tf.executing_eagerly():
-            _count_step(self)
-        reduced = self._reduce(flat_sources, flat_grads)
+            count_step()
+        reduced = self._hvdllm_reducer.reduce(flat_sources, flat_grads)
         return tf.nest.pack_sequence_as(grads, reduced) if tf.nest.is_nested(grads) else reduced[0]
 
     def get_local_and_global_gradients(self, target: Any, sources: Sequence[Any],
@@ -354,88 +519,12 @@ class _DistributedTape:
         """Horovod's: (local (source, grad) pairs, global (source, grad) pairs)."""
         grads = self.gradient(target, sources, output_gradients=output_gradients)
         pairs = list(zip(sources, grads))
-        return ([p for p in pairs if id(p[0]) in self._hvdllm_local],
-                [p for p in pairs if id(p[0]) not in self._hvdllm_local])
-
-    # -- reduction ----------------------------------------------------------
-    def _reduce(self, sources: list[Any], grads: list[Any]) -> list[Any]:
-        size = self.process_set.size()
-        out = list(grads)
-        todo = [i for i, (s, g) in enumerate(zip(sources, grads))
-                if g is not None and id(s) not in self._hvdllm_local]
-        for i, (s, g) in enumerate(zip(sources, grads)):
-            if g is not None and id(s) in self._hvdllm_local and self.scale_local_gradients:
-                out[i] = (tf.IndexedSlices(g.values / size, g.indices, g.dense_shape)
-                          if isinstance(g, tf.IndexedSlices) else g / size)
-        if self.sparse_as_dense or self.compressor is not None:
-            for i in todo:
-                if isinstance(out[i], tf.IndexedSlices):
-                    out[i] = tf.convert_to_tensor(out[i])
-        if not todo or size == 1 and self.compressor is None:
-            return out
-        sparse = [i for i in todo if isinstance(out[i], tf.IndexedSlices)]
-        dense = [i for i in todo if i not in sparse]
-        with _bounded_wait("DistributedGradientTape gradient reduction", self.process_set):
-            for i in sparse:
-                out[i] = _hvd.allreduce(out[i], op=self.op, process_set=self.process_set,
-                                        name=f"hvdllm.tape.sparse.{i}" if tf.executing_eagerly()
-                                        else None)
-            if self.compressor is not None:
-                reduced = self._compressed([sources[i] for i in dense], [out[i] for i in dense])
-            else:
-                reduced = self._allreduced([out[i] for i in dense])
-        for i, g in zip(dense, reduced):
-            out[i] = g
-        return out
-
-    def _allreduced(self, grads: list[tf.Tensor]) -> list[tf.Tensor]:
-        """Horovod's path: one fused allreduce per dtype (Adasum: one grouped allreduce)."""
-        prescale = postscale = 1.0
-        if self.op == _hvd.Average and self.gradient_predivide_factor != 1.0:
-            prescale = 1.0 / self.gradient_predivide_factor
-            postscale = self.gradient_predivide_factor
-        if self.op == _hvd.Adasum:
-            # Per-tensor arithmetic, so the tensors stay apart; one allreduce
-            # each (Horovod's grouped allreduce fails with Adasum).
-            out = []
-            for i, g in enumerate(grads):
-                wire, ctx = self.compression.compress(g)
-                wire = _hvd.allreduce(wire, op=self.op, process_set=self.process_set,
-                                      name=f"hvdllm.tape.adasum.{i}")
-                out.append(self.compression.decompress(wire, ctx))
-            return out
-        out: list[Any] = [None] * len(grads)
-        by_dtype: dict[tf.DType, list[int]] = {}
-        for i, g in enumerate(grads):
-            by_dtype.setdefault(g.dtype, []).append(i)
-        for dtype, idx in by_dtype.items():
-            parts = [grads[i] for i in idx]
-            sizes = [int(np.prod(g.shape)) for g in parts]
-            flat = tf.concat([tf.reshape(g, [-1]) for g in parts], axis=0)
-            wire, ctx = self.compression.compress(flat)
-            wire = _hvd.allreduce(wire, op=self.op, prescale_factor=prescale,
-                                  postscale_factor=postscale, process_set=self.process_set,
-                                  name=f"hvdllm.tape.{dtype.name}.{len(parts)}.{sum(sizes)}")
-            flat = self.compression.decompress(wire, ctx)
-            for i, g, part in zip(idx, parts, tf.split(flat, sizes)):
-                out[i] = tf.reshape(part, g.shape)
-        return out
-
-    def _compressed(self, sources: list[Any], grads: list[tf.Tensor]) -> list[tf.Tensor]:
-        """hvdllm's path: the compressor's average (as fp32), cast back to each gradient's dtype."""
-        fp32 = [tf.cast(g, tf.float32) for g in grads]
-        if tf.executing_eagerly():
-            averaged = self.compressor.reduce(fp32, _source_names(sources))
-        elif self.compressor.mode == "bf16":  # stateless: its graph code runs in the caller's
-            averaged = self.compressor._half_graph(fp32)
-        else:
-            raise UnsupportedError(f"Compression.{self.compressor.mode} keeps state between "
-                                   f"steps and runs eagerly only; call tape.gradient outside "
-                                   f"tf.function, or use Compression.none, fp16 or bf16 there")
-        return [tf.cast(a, g.dtype) for a, g in zip(averaged, grads)]
+        local = self._hvdllm_reducer.local
+        return ([p for p in pairs if id(p[0]) in local],
+                [p for p in pairs if id(p[0]) not in local])
 
 
-def _count_step(tape: Any) -> None:
+def count_step() -> None:
     """Tell the watchdog that step n (1-based: eager gradient reductions) begins."""
     global _steps
     _steps += 1
@@ -459,14 +548,17 @@ def _compressor(spec: CompressionSpec) -> GradientCompressor:
     return _compressors[spec]
 
 
-def _check_tape_options(compression: Any, op: Any, gradient_predivide_factor: float,
-                        process_set: Any) -> None:
+def _check_reduce_options(what: str, compression: Any, op: Any,
+                          gradient_predivide_factor: float, process_set: Any) -> None:
     if gradient_predivide_factor != 1.0 and op != _hvd.Average:
-        raise UnsupportedError("DistributedGradientTape: gradient_predivide_factor needs "
-                               "op=Average")
+        raise UnsupportedError(f"{what}: gradient_predivide_factor needs op=Average")
     if op not in (_hvd.Average, _hvd.Sum, _hvd.Adasum):
-        raise UnsupportedError(f"DistributedGradientTape: op {op!r} is not a gradient "
-                               f"reduction; use op=Average, Sum or Adasum")
+        raise UnsupportedError(f"{what}: op {op!r} is not a gradient reduction; use op=Average, "
+                               f"Sum or Adasum")
+    if not (compression in (Compression.none, Compression.fp16)
+            or isinstance(compression, CompressionSpec)):
+        raise UnsupportedError(f"{what}: compression {compression!r} is not one of "
+                               f"Compression.none, fp16, bf16, topk(ratio), powersgd(rank)")
     if isinstance(compression, CompressionSpec):
         unsupported = {"op": op != _hvd.Average,
                        "process_set": process_set is not _hvd.global_process_set,
@@ -515,15 +607,12 @@ def DistributedGradientTape(gradtape: tf.GradientTape, device_dense: str = "",
             ``register_local_source`` by the set's size, as Horovod does.
     """
     _require_init("DistributedGradientTape")
-    if compression in (Compression.topk, Compression.powersgd):
-        compression = compression()
-    _check_tape_options(compression, op, gradient_predivide_factor, process_set)
-    compressor = _compressor(compression) if isinstance(compression, CompressionSpec) else None
+    reducer = GradientReducer(compression, op, gradient_predivide_factor, process_set,
+                              sparse_as_dense, scale_local_gradients, "DistributedGradientTape")
     cls = type(type(gradtape).__name__, (_DistributedTape, type(gradtape)), {})
     tape = cls.__new__(cls)
     tape.__dict__.update(gradtape.__dict__)
-    tape._hvdllm_setup(compression, op, gradient_predivide_factor, process_set, sparse_as_dense,
-                       scale_local_gradients, compressor)
+    tape._hvdllm_reducer = reducer
     return tape
 
 
