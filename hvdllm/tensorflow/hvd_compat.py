@@ -122,6 +122,15 @@ def _describe_mismatch(what: str, shapes: list[Any], names: list[str] | None,
     return f"{what}: tensor shapes differ across ranks {list(ranks)}"
 
 
+def _in_xla_context() -> bool:
+    """Whether the graph being traced is compiled by XLA (``jit_compile=True``)."""
+    if tf.executing_eagerly():
+        return False
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
 def _is_shape_mismatch(exc: BaseException) -> bool:
     return isinstance(exc, tf.errors.OpError) and "Mismatched" in str(exc) and (
         "shape" in str(exc) or "dimension" in str(exc))
@@ -398,6 +407,9 @@ class GradientReducer:
                     out[i] = tf.convert_to_tensor(out[i])
         if not todo or size == 1 and self.compressor is None:
             return out
+        if _in_xla_context():
+            raise UnsupportedError(f"{self.what}: Horovod's collectives cannot be compiled by "
+                                   f"XLA; compile the model with jit_compile=False")
         sparse = [i for i in todo if isinstance(out[i], tf.IndexedSlices)]
         dense = [i for i in todo if i not in sparse]
         try:

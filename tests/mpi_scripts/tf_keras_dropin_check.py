@@ -242,6 +242,16 @@ def fit_topk():
 
 
 refused(fit_topk, "Compression.topk", "run_eagerly=True")
+
+
+def fit_xla():
+    model = make_model(1)
+    model.compile(optimizer=hvd.DistributedOptimizer(make_optimizer("sgd")), loss="mse",
+                  jit_compile=True)
+    model.fit(X[:LOCAL], Y[:LOCAL], batch_size=LOCAL, verbose=0)
+
+
+refused(fit_xla, "XLA", "jit_compile=False")
 refused(lambda: hvd.DistributedOptimizer(make_optimizer("sgd"), op=hvd_tf.Min), "op", "Average")
 refused(lambda: hvd.DistributedOptimizer(object()), "Keras 3 optimizers")
 refused(lambda: hvd.DistributedOptimizer(make_optimizer("sgd"), backward_passes_per_step=0),
