@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 endif
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all test-horovod-examples bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -25,6 +25,13 @@ test: setup
 
 test-all: setup
 	$(PY) -m pytest tests -q -ra -m "slow or not slow"
+
+# Horovod's own TensorFlow 2 examples through the drop-ins: HOROVOD_EXAMPLES is
+# the examples/ directory of a Horovod v0.28.1 checkout (tests/horovod_examples/).
+test-horovod-examples:
+	@test -d "$(HOROVOD_EXAMPLES)/tensorflow2" || { echo "test-horovod-examples: HOROVOD_EXAMPLES='$(HOROVOD_EXAMPLES)' is not a Horovod v0.28.1 examples/ directory" >&2; exit 2; }
+	@$(MAKE) --no-print-directory setup
+	HVDLLM_HOROVOD_EXAMPLES="$(abspath $(HOROVOD_EXAMPLES))" $(PY) -m pytest tests/test_horovod_examples.py -q -ra -m horovod_examples
 
 bench: setup
 	$(PY) benchmarks/dp_overhead.py

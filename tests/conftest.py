@@ -19,6 +19,23 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Horovod v0.28.1's examples/ directory, for the horovod_examples tier.
+HOROVOD_EXAMPLES_ENV = "HVDLLM_HOROVOD_EXAMPLES"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "horovod_examples: runs Horovod's own TensorFlow 2 "
+                            f"examples; deselected unless {HOROVOD_EXAMPLES_ENV} is set")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Deselect (not skip) the horovod_examples tests when there is no checkout to run."""
+    if os.environ.get(HOROVOD_EXAMPLES_ENV):
+        return
+    dropped = [item for item in items if item.get_closest_marker("horovod_examples")]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if not item.get_closest_marker("horovod_examples")]
 
 
 def base_env(extra_pythonpath: str | None = None) -> dict[str, str]:
