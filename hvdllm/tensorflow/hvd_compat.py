@@ -26,6 +26,7 @@ Reached through ``import hvdllm.tensorflow as hvd``: a script written for
   ``Compression.none``/``fp16``), or with an hvdllm compressor
   (:mod:`hvdllm.tensorflow.compression`) for ``Compression.bf16``,
   ``topk(ratio)`` and ``powersgd(rank)``.
+* :class:`SyncBatchNormalization` is hvdllm's (Horovod's fails on Keras 3).
 * ``DistributedOptimizer`` serves legacy ``tf.compat.v1`` optimizers only;
   a Keras 3 optimizer gets a one-line error pointing to the tape.
 * Before :func:`init`, every collective, rank/size query and the tape are
@@ -656,6 +657,59 @@ def PartialDistributedGradientTape(gradtape: tf.GradientTape, device_dense: str 
         for v in layer.trainable_weights:
             tape.register_local_source(v)
     return tape
+
+
+class SyncBatchNormalization(keras.layers.BatchNormalization):
+    """Batch normalization whose training statistics span every rank of a process set.
+
+    Horovod's layer of this name fails on Keras 3 (it passes ``fused`` to
+    Keras 3's ``BatchNormalization`` and overrides a ``_moments`` of another
+    signature).  This one overrides Keras 3's ``_moments``: each rank sums
+    its inputs, their squares and their count over the reduced axes (mask
+    respected), one in-graph allreduce (Sum) adds those over the ranks, and
+    the mean and variance follow; the allreduce's gradient (a Sum) carries
+    the backward pass across ranks, so gradients equal one process
+    normalizing the global batch.  Inference uses the moving statistics,
+    which stay equal on every rank.
+
+    Args:
+        fused: Horovod's; must be False (Keras 3 has no fused kernel).
+        process_set: the ranks to synchronize over (all by default).
+        **kwargs: ``keras.layers.BatchNormalization``'s.
+    """
+
+    def __init__(self, fused: bool = False, process_set: Any = global_process_set,
+                 **kwargs: Any) -> None:
+        if fused:
+            raise UnsupportedError("SyncBatchNormalization: fused=True is not available on "
+                                   "Keras 3; leave fused=False")
+        kwargs.pop("synchronized", None)  # tf.distribute's; this layer synchronizes itself
+        super().__init__(**kwargs)
+        self.process_set = process_set
+
+    def _moments(self, inputs: Any, mask: Any) -> tuple[Any, Any]:
+        _require_init("SyncBatchNormalization")
+        if self.process_set.size() == 1:
+            return super()._moments(inputs, mask)
+        axes = self._reduction_axes
+        if mask is None:
+            weights = tf.ones_like(inputs)
+        else:
+            weights = tf.cast(tf.broadcast_to(tf.expand_dims(mask, -1), tf.shape(inputs)),
+                              inputs.dtype)
+        local = tf.stack([tf.reduce_sum(inputs * weights, axes),
+                          tf.reduce_sum(tf.square(inputs) * weights, axes),
+                          tf.reduce_sum(weights, axes)])
+        total = _hvd.allreduce(local, op=_hvd.Sum, process_set=self.process_set)
+        count = tf.maximum(total[2], 1.0)
+        mean = total[0] / count
+        variance = tf.maximum(total[1] / count - tf.square(mean), 0.0)
+        return mean, variance
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("synchronized", None)
+        return config
 
 
 def DistributedOptimizer(optimizer: Any, *args: Any, **kwargs: Any) -> Any:

@@ -9,6 +9,8 @@ Checks, on every rank (any failed assertion fails the rank, hence mpirun):
   Adam) ends with the same weights on every rank, equal within 1e-5 to one
   process training on the same global batches (and so does an eager loop);
 * each compression, op and option of the tape, against the exact average;
+* ``SyncBatchNormalization`` equals one process normalizing the global
+  batch (outputs, input and parameter gradients, moving statistics);
 * one-line errors for what a path cannot do.
 """
 import os
@@ -258,6 +260,41 @@ partial = hvd.PartialDistributedGradientTape(tape, local_layers=mlp.layers[0]).g
 assert close(partial[0], plain[0].numpy() / size) and close(partial[1], plain[1].numpy() / size)
 assert same_on_all_ranks(partial[2:], "partial")
 
+# -- SyncBatchNormalization: statistics and gradients of the global batch ----------
+# Each rank normalizes its 3 rows (channels last, a 2-D spatial input); the
+# outputs, the input gradients and the gamma/beta gradients summed over ranks
+# equal one BatchNormalization over the 6 rows, in one process.
+bn_x = np.random.default_rng(11).normal(2.0, 3.0, size=(3 * size, 4, 4, 5)).astype(np.float32)
+bn_c = np.random.default_rng(12).normal(size=bn_x.shape).astype(np.float32)
+mine = slice(3 * rank, 3 * rank + 3)
+
+
+@tf.function
+def sync_bn_step(layer, x, c):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=True)
+        loss = tf.reduce_sum(y * c)
+    dx, dgamma, dbeta = tape.gradient(loss, [x, layer.gamma, layer.beta])
+    return y, dx, hvd.allreduce(dgamma, op=hvd.Sum), hvd.allreduce(dbeta, op=hvd.Sum)
+
+
+sync_bn = hvd.SyncBatchNormalization(momentum=0.5)
+plain_bn = keras.layers.BatchNormalization(momentum=0.5)
+sync_bn.build(bn_x[mine].shape)
+plain_bn.build(bn_x.shape)
+got = sync_bn_step(sync_bn, tf.constant(bn_x[mine]), tf.constant(bn_c[mine]))
+want = sync_bn_step(plain_bn, tf.constant(bn_x), tf.constant(bn_c))
+assert close(got[0], want[0].numpy()[mine], 1e-4) and close(got[1], want[1].numpy()[mine], 1e-4)
+# want's are the same full-batch gradients summed over `size` ranks
+assert close(got[2], want[2].numpy() / size, 1e-4), (got[2], want[2])
+assert close(got[3], want[3].numpy() / size, 1e-4)
+assert close(sync_bn.moving_mean, plain_bn.moving_mean.numpy(), 1e-5)
+assert close(sync_bn.moving_variance, plain_bn.moving_variance.numpy(), 1e-4)
+local_bn = keras.layers.BatchNormalization(momentum=0.5)  # what no synchronization gives
+local_bn(tf.constant(bn_x[mine]), training=True)
+assert not close(local_bn.moving_mean, plain_bn.moving_mean.numpy(), 1e-3)
+
 # -- one-line errors for what a path cannot do -----------------------------------
 def refused(call, *words):
     try:
@@ -274,6 +311,7 @@ refused(lambda: reduced(compression=hvd.Compression.powersgd(2), op=hvd.Sum),
         "Compression.powersgd", "op")
 refused(lambda: hvd.allreduce(tf.ones(2), compression=hvd.Compression.bf16), "Compression.bf16")
 refused(lambda: reduced(op=hvd.Min), "op")
+refused(lambda: hvd.SyncBatchNormalization(fused=True), "fused")
 refused(lambda: hvd.DistributedOptimizer(keras.optimizers.SGD(0.1)), "Keras 3",
         "DistributedGradientTape")
 assert 0 <= int(hvd.join()) < size
