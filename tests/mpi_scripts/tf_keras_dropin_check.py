@@ -6,7 +6,8 @@ Checks, on every rank (any failed assertion fails the rank, hence mpirun):
 * ``model.fit`` with ``DistributedOptimizer`` and
   ``BroadcastGlobalVariablesCallback`` (ranks start from different weights)
   ends with the same weights on every rank, equal within 1e-5 to one process
-  fitting the same global batches (SGD and Adam, fp32);
+  fitting the same global batches (SGD and Adam, fp32; also a wrapped
+  ``LossScaleOptimizer``); ``broadcast_global_variables`` and ``broadcast``;
 * ``backward_passes_per_step=4`` equals one pass over a 4x batch, and in the
   traced train step every Horovod op sits in the branch that runs on the
   4th pass only;
@@ -93,6 +94,25 @@ for kind in ("sgd", "adam"):
     assert all(close(d, r) for d, r in zip(dist, ref.get_weights())), (kind, errors)
     assert not all(close(d, w, 1e-3) for d, w in zip(dist, make_model(100).get_weights()))
     assert int(model.optimizer.iterations.numpy()) == STEPS
+
+# A LossScaleOptimizer wrapped the same way: still equal to one process.
+model = make_model(100)
+model.compile(optimizer=hvd.DistributedOptimizer(
+    keras.optimizers.LossScaleOptimizer(make_optimizer("sgd"))), loss="mse")
+model.fit(local_rows(X, LOCAL), local_rows(Y, LOCAL), batch_size=LOCAL, shuffle=False, verbose=0)
+ref = make_model(100)
+ref.compile(optimizer=keras.optimizers.LossScaleOptimizer(make_optimizer("sgd")), loss="mse")
+ref.fit(X, Y, batch_size=LOCAL * size, shuffle=False, verbose=0)
+assert all(close(d, r) for d, r in zip(model.get_weights(), ref.get_weights()))
+
+# broadcast_global_variables: the variables the distributed optimizers hold.
+model = make_model(100 + rank)
+optimizer = hvd.DistributedOptimizer(make_optimizer("adam"))
+optimizer.build(model.trainable_variables)
+assert not same_on_all_ranks(model.get_weights())
+hvd.broadcast_global_variables(0)
+assert same_on_all_ranks(model.get_weights())
+assert np.array_equal(hvd.broadcast(np.arange(3) + rank, root_rank=1), np.arange(3) + 1)
 
 # -- backward_passes_per_step=4 equals one pass over a 4x batch ----------------------
 PASSES, MICRO = 4, 1
