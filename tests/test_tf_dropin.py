@@ -7,8 +7,9 @@
   ``tf.function`` loop with ``DistributedGradientTape`` equal to one process
   (SGD, Adam; 1e-5), each compression, op and option, and one-line errors
   (before ``init()``, and for what a path cannot do);
-* a frozen rank in an eager ``DistributedGradientTape`` loop ends the job
-  within the deadline, with a report naming it;
+* a frozen rank ends the job within the deadline, with a report naming it,
+  in an eager ``DistributedGradientTape`` loop and inside Keras ``fit``'s
+  traced step;
 * ``hvdllm.tensorflow.keras`` serves every public name of
   horovod.tensorflow.keras and its callbacks, and at 2 ranks
   (tests/mpi_scripts/tf_keras_dropin_check.py) Keras 3 ``fit`` with
@@ -86,13 +87,16 @@ def test_dropin_at_two_ranks():
 
 
 @pytest.mark.multirank
-def test_frozen_rank_in_the_tape_loop_is_reported(tmp_path):
+@pytest.mark.parametrize("script, wait", [
+    ("tf_dropin_hang.py", "DistributedGradientTape gradient reduction"),  # eager tape loop
+    ("tf_keras_fit_hang.py", "DistributedOptimizer gradient reduction"),  # inside fit's graph
+])
+def test_frozen_rank_is_reported(tmp_path, script, wait):
     timeout = 10
     env = base_env()
     env["HVDLLM_HANG_DIR"] = str(tmp_path)
     env["HVDLLM_TIMEOUT_SEC"] = str(timeout)
-    res = run(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "tf_dropin_hang.py")],
-              timeout=180, env=env)
+    res = run(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / script)], timeout=180, env=env)
     ended = time.time()
     out = res.stdout + res.stderr
     assert res.returncode != 0 and "finished without noticing" not in out, out[-3000:]
@@ -100,7 +104,7 @@ def test_frozen_rank_in_the_tape_loop_is_reported(tmp_path):
     assert ended - fault < timeout + 15, (ended - fault, out[-3000:])
     head = next(line for line in out.splitlines() if "[hvdllm] HANG:" in line)
     assert "likeliest culprit rank 1 (no heartbeat" in head, head
-    assert "DistributedGradientTape gradient reduction" in out and "at step 3" in out, out[-3000:]
+    assert wait in out and "at step 3" in out, out[-3000:]
     record = json.loads((tmp_path / "hang-rank-0.json").read_text())
     assert record["culprit"]["rank"] == 1 and record["not_arrived"] == [1]
 

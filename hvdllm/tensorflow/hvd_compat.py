@@ -132,6 +132,39 @@ def _in_xla_context() -> bool:
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
+# Waits registered from inside graphs, by token, until their end callback runs.
+_graph_waits: dict[int, Any] = {}
+
+
+def _graph_wait_begin(op: str, process_set: Any, after: list[Any]) -> tf.Tensor:
+    """A graph op that, when run (after ``after``), opens a watchdog wait; returns its token."""
+    kind = "world" if process_set is _hvd.global_process_set else "process set"
+
+    def begin() -> np.ndarray:
+        count_step()
+        event = _watchdog.current().begin(op, kind, _set_ranks(process_set))
+        token = -1 if event is None else event.seq
+        if event is not None:
+            _graph_waits[token] = event
+        return np.int64(token)
+
+    deps = [t.values if isinstance(t, tf.IndexedSlices) else t for t in after]
+    with tf.control_dependencies(deps):
+        return tf.numpy_function(begin, [], tf.int64, stateful=True, name="hvdllm_wait_begin")
+
+
+def _graph_wait_end(token: tf.Tensor, after: list[Any]) -> tf.Tensor:
+    """A graph op that, when run (after ``after``), closes the wait ``token`` opened."""
+
+    def end(seq: np.ndarray) -> np.ndarray:
+        _watchdog.current().end(_graph_waits.pop(int(seq), None))
+        return np.int64(0)
+
+    deps = [t.values if isinstance(t, tf.IndexedSlices) else t for t in after]
+    with tf.control_dependencies(deps):
+        return tf.numpy_function(end, [token], tf.int64, stateful=True, name="hvdllm_wait_end")
+
+
 def _is_shape_mismatch(exc: BaseException) -> bool:
     return isinstance(exc, tf.errors.OpError) and "Mismatched" in str(exc) and (
         "shape" in str(exc) or "dimension" in str(exc))
@@ -413,6 +446,8 @@ class GradientReducer:
                                    f"XLA; compile the model with jit_compile=False")
         sparse = [i for i in todo if isinstance(out[i], tf.IndexedSlices)]
         dense = [i for i in todo if i not in sparse]
+        if not tf.executing_eagerly():
+            return self._traced_reduce(sources, out, dense, sparse)
         try:
             reduced = self._reduce_dense_and_sparse(sources, out, dense, sparse)
         except tf.errors.OpError as exc:
@@ -425,6 +460,35 @@ class GradientReducer:
             raise ShapeMismatchError(message) from None
         for i, g in zip(dense, reduced):
             out[i] = g
+        return out
+
+    def _traced_reduce(self, sources: list[Any], out: list[Any], dense: list[int],
+                       sparse: list[int]) -> list[Any]:
+        """The reduction as graph ops, bracketed by the watchdog when the graph runs.
+
+        Two small host callbacks around the collectives tell the watchdog
+        that this rank starts (and ends) waiting on the process set, so a
+        frozen peer inside a ``tf.function`` or Keras ``fit`` step is
+        reported at the deadline like an eager wait (Horovod's own stall
+        shutdown cannot act once a rank is frozen).
+        """
+        todo = dense + sparse
+        token = _graph_wait_begin(f"{self.what} gradient reduction", self.process_set,
+                                  [out[i] for i in todo])
+        with tf.control_dependencies([token]):
+            for i in todo:
+                out[i] = (tf.IndexedSlices(tf.identity(out[i].values), out[i].indices,
+                                           out[i].dense_shape)
+                          if isinstance(out[i], tf.IndexedSlices) else tf.identity(out[i]))
+        reduced = self._reduce_dense_and_sparse(sources, out, dense, sparse)
+        for i, g in zip(dense, reduced):
+            out[i] = g
+        done = _graph_wait_end(token, [out[i] for i in todo])
+        with tf.control_dependencies([done]):
+            for i in todo:
+                out[i] = (tf.IndexedSlices(tf.identity(out[i].values), out[i].indices,
+                                           out[i].dense_shape)
+                          if isinstance(out[i], tf.IndexedSlices) else tf.identity(out[i]))
         return out
 
     def _reduce_dense_and_sparse(self, sources: list[Any], out: list[Any], dense: list[int],
