@@ -12,8 +12,10 @@ Reached through ``import hvdllm.tensorflow as hvd``: a script written for
   Horovod's start-up, the collectives served here and the gradient
   averaging of :func:`DistributedGradientTape`.  A wait longer than that
   prints a report naming the likeliest culprit rank, writes
-  ``hang-rank-K.json`` and ends the job.  Collectives inside a
-  ``tf.function`` run when its graph runs, out of the watchdog's sight:
+  ``hang-rank-K.json`` and ends the job.  Gradient reductions traced into a
+  graph (the tape in a ``tf.function``, the Keras ``DistributedOptimizer``
+  in ``fit``) tell the watchdog when they start and end through two host
+  callbacks; other collectives a user traces run out of its sight, and
   Horovod's stall shutdown (at twice the deadline) bounds those.
 * Horovod's raw collectives (``allreduce``, ``allgather``, ``broadcast``,
   ``alltoall``, ``reducescatter``, ``grouped_*``, ``broadcast_object``,
