@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 endif
 
-.PHONY: setup demo test test-all test-horovod-examples bench clean
+.PHONY: setup demo test test-all test-horovod-examples test-docker bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -32,6 +32,12 @@ test-horovod-examples:
 	@test -d "$(HOROVOD_EXAMPLES)/tensorflow2" || { echo "test-horovod-examples: HOROVOD_EXAMPLES='$(HOROVOD_EXAMPLES)' is not a Horovod v0.28.1 examples/ directory" >&2; exit 2; }
 	@$(MAKE) --no-print-directory setup
 	HVDLLM_HOROVOD_EXAMPLES="$(abspath $(HOROVOD_EXAMPLES))" $(PY) -m pytest tests/test_horovod_examples.py -q -ra -m horovod_examples
+
+# The Docker images (docker/, docs/docker.md): builds the base (debootstrap
+# when no registry is reachable) and the CPU image, then runs `make demo` and
+# a 2-rank TensorFlow run in it.  Needs root or the docker group; slow.
+test-docker: setup
+	HVDLLM_DOCKER_TESTS=1 $(PY) -m pytest tests/test_docker.py -q -ra -m "slow or not slow"
 
 bench: setup
 	$(PY) benchmarks/dp_overhead.py
