@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 endif
 
-.PHONY: setup demo test test-all test-horovod-examples test-docker bench clean
+.PHONY: setup demo test test-all test-horovod-examples test-docker test-multinode bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -44,3 +44,8 @@ bench: setup
 
 clean:
 	rm -rf runs .pytest_cache
+
+# Two simulated hosts (network namespaces joined by a veth pair) on this
+# machine; needs root, `ip` and `unshare` (docs/multinode.md).
+test-multinode: setup
+	HVDLLM_MULTINODE=1 $(PY) -m pytest tests/test_multinode.py -q -ra -m multinode
