@@ -11,7 +11,7 @@ export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 endif
 
-.PHONY: setup demo test test-all test-horovod-examples test-docker test-multinode bench clean
+.PHONY: setup demo test test-all test-horovod-examples test-docker test-multinode test-slurm bench clean
 
 setup:
 	@bash scripts/setup_env.sh
@@ -49,3 +49,8 @@ clean:
 # machine; needs root, `ip` and `unshare` (docs/multinode.md).
 test-multinode: setup
 	HVDLLM_MULTINODE=1 $(PY) -m pytest tests/test_multinode.py -q -ra -m multinode
+
+# The sbatch scripts in examples/slurm/ on a one-node Slurm started by the test
+# (Debian's slurm-wlm and munge; needs root; docs/clusters.md).
+test-slurm: setup
+	HVDLLM_SLURM=1 $(PY) -m pytest tests/test_slurm.py -q -ra -m slurm
