@@ -189,7 +189,7 @@ def test_tensorflow_two_ranks_in_cpu_image(cpu_image):
          "hvdllm", "train", "--config", "configs/demo.toml",
          "--set", "train.framework=tensorflow", "--set", "parallel.dp=2",
          "--set", "train.steps=60", "--set", "train.sample_tokens=0",
-         "--set", "output.dir=/tmp/tf2"], timeout=1200)
+         "--set", "output.dir=runs/tf2"], timeout=1200)
     out = res.stdout + res.stderr
     assert "world 2 = dp 2 x tp 1 x pp 1" in out
     for rank in (0, 1):   # both ranks ran and reported themselves
@@ -198,3 +198,13 @@ def test_tensorflow_two_ranks_in_cpu_image(cpu_image):
     first, last = _loss_first_last(out)
     assert last < first, (first, last)
 
+
+
+@docker_tier
+def test_gpu_check_inside_a_container(cpu_image):
+    """The GPU image's check, run by the same entrypoint in a real container."""
+    cmd = ["docker", "run", "--rm", "--network", "none", "-e", "HVDLLM_REQUIRE_GPU=1",
+           cpu_image, "hvdllm", "info"]
+    res = run(cmd, timeout=120, env=dict(os.environ))
+    assert res.returncode == 3 and res.stdout == ""
+    assert len(res.stderr.splitlines()) == 1 and "no NVIDIA GPU" in res.stderr
