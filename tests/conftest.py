@@ -21,6 +21,8 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 # Horovod v0.28.1's examples/ directory, for the horovod_examples tier.
 HOROVOD_EXAMPLES_ENV = "HVDLLM_HOROVOD_EXAMPLES"
+# Set to run the multinode tier (root; network namespaces): `make test-multinode`.
+MULTINODE_ENV = "HVDLLM_MULTINODE"
 # Set to run the slurm tier (root; a one-node Slurm): `make test-slurm`.
 SLURM_ENV = "HVDLLM_SLURM"
 
@@ -28,13 +30,16 @@ SLURM_ENV = "HVDLLM_SLURM"
 def pytest_configure(config):
     config.addinivalue_line("markers", "horovod_examples: runs Horovod's own TensorFlow 2 "
                             f"examples; deselected unless {HOROVOD_EXAMPLES_ENV} is set")
+    config.addinivalue_line("markers", "multinode: two simulated hosts in network namespaces "
+                            f"(root); deselected unless {MULTINODE_ENV} is set")
     config.addinivalue_line("markers", "slurm: sbatch jobs on a one-node Slurm started by the "
                             f"test (root); deselected unless {SLURM_ENV} is set")
 
 
 def pytest_collection_modifyitems(config, items):
     """Deselect (not skip) the opt-in tiers whose environment variable is not set."""
-    for marker, env in (("horovod_examples", HOROVOD_EXAMPLES_ENV), ("slurm", SLURM_ENV)):
+    for marker, env in (("horovod_examples", HOROVOD_EXAMPLES_ENV), ("multinode", MULTINODE_ENV),
+                        ("slurm", SLURM_ENV)):
         if os.environ.get(env):
             continue
         dropped = [item for item in items if item.get_closest_marker(marker)]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
 import time
 from typing import Any
@@ -27,7 +28,7 @@ from ..common.config import Config, to_toml
 from ..common.data import TokenWindows, load_tokens
 from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
-from ..common.launch import check_launcher, threads_per_rank, world_comm
+from ..common.launch import check_launcher, local_size, threads_per_rank, world_comm
 from ..common.metrics import MetricsWriter
 from ..common.topology import Topology, describe
 from ..common.watchdog import Watchdog
@@ -120,7 +121,8 @@ def train(cfg: Config) -> TrainSummary:
         for line in engine.describe():
             print(f"hvdllm: {line}", flush=True)
     if os.environ.get("HVDLLM_VERBOSE"):
-        print(f"hvdllm: {describe(topology, rank)}", flush=True)
+        print(f"hvdllm: {describe(topology, rank)} on host {socket.gethostname()} "
+              f"({local_size(comm)} rank(s) on this host, {threads} thread(s) each)", flush=True)
     try:
         summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0,
                                resume=resume)
