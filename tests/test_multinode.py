@@ -90,10 +90,10 @@ def test_horovod_sees_two_hosts(hosts):
         assert v["world_sum"] == 6.0, v
 
 
-def train_args(out, dp: int, tp: int) -> list[str]:
+def train_args(framework: str, out, dp: int, tp: int) -> list[str]:
     micro = GLOBAL_BATCH // dp
     return ["train", "--config", str(REPO / "configs" / "demo.toml"),
-            "--set", "train.framework=torch", "--set", f"parallel.dp={dp}",
+            "--set", f"train.framework={framework}", "--set", f"parallel.dp={dp}",
             "--set", f"parallel.tp={tp}", "--set", f"train.steps={STEPS}",
             "--set", f"train.global_batch_size={GLOBAL_BATCH}",
             "--set", f"train.micro_batch_size={micro}", "--set", "train.lr=3e-3",
@@ -101,17 +101,21 @@ def train_args(out, dp: int, tp: int) -> list[str]:
             "--set", f"output.dir={out}"]
 
 
-def test_train_dp2_tp2_across_two_hosts(hosts, tmp_path):
+# TensorFlow is not in the list yet: its one run across the hosts hung
+# (docs/multinode.md, "Open problems").
+@pytest.mark.parametrize("framework", ["torch"])
+def test_train_dp2_tp2_across_two_hosts(hosts, tmp_path, framework):
     ref_dir, run_dir = tmp_path / "one_process", tmp_path / "two_hosts"
-    run_ok(hvdllm_cmd(*train_args(ref_dir, 1, 1)), timeout=400)
+    run_ok(hvdllm_cmd(*train_args(framework, ref_dir, 1, 1)), timeout=400)
     rx0, tx0 = hosts.link_bytes(0)
     t0 = time.monotonic()
-    res = mpirun_on_hosts(hosts, hosts.names, 4, hvdllm_cmd(*train_args(run_dir, 2, 2)),
-                          timeout=900)
+    res = mpirun_on_hosts(hosts, hosts.names, 4,
+                          hvdllm_cmd(*train_args(framework, run_dir, 2, 2)), timeout=900)
     took = time.monotonic() - t0
     rx1, tx1 = hosts.link_bytes(0)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    print(f"dp=2 x tp=2 over two hosts: {took:.0f}s; link rx {rx1 - rx0:,} tx {tx1 - tx0:,} B")
+    print(f"{framework} dp=2 x tp=2 over two hosts: {took:.0f}s; "
+          f"link rx {rx1 - rx0:,} tx {tx1 - tx0:,} B")
 
     # (a) the loss curve of one process
     ref = read_metrics(ref_dir)
