@@ -81,7 +81,7 @@ def wait_final(env, jid: str, log: Path, timeout: float) -> dict[str, str]:
     pytest.fail(f"job {jid} not finished after {timeout}s: {fields}\n--- log\n{text[-4000:]}")
 
 
-def wait_checkpoint(out: Path, jid: str, env, timeout: float = 300) -> None:
+def wait_checkpoint(out: Path, jid: str, env, log: Path, timeout: float = 300) -> None:
     """Wait for the job's first checkpoint, ``timeout`` seconds from submission.
 
     Generous: on a loaded 2-core machine the step launch alone has taken 75 s.
@@ -90,11 +90,13 @@ def wait_checkpoint(out: Path, jid: str, env, timeout: float = 300) -> None:
     while time.monotonic() < end:
         if any((out / "checkpoints").glob("step-*")):
             return
-        if job_fields(env, jid).get("JobState") in FINAL_STATES:
-            break
+        state = job_fields(env, jid).get("JobState")
+        if state in FINAL_STATES:
+            text = log.read_text() if log.exists() else "(no log)"
+            pytest.fail(f"job {jid} ended ({state}) without a checkpoint\n--- log\n{text[-4000:]}")
         time.sleep(0.5)
     subprocess.run(["scancel", jid], env=env, timeout=20)
-    pytest.fail(f"job {jid}: no checkpoint in {out} within {timeout}s of its start")
+    pytest.fail(f"job {jid}: no checkpoint in {out} within {timeout}s of its submission")
 
 
 def steps_logged(out: Path) -> list[int]:
@@ -125,7 +127,7 @@ def test_preempted_job_requeues_and_resumes(cluster, script, how):
     out = root / f"run-{name}"
     jid, log = submit(env, root, script, name, "--set", f"train.steps={steps}",
                       "--set", "output.checkpoint_every=25", "--set", f"output.dir={out}")
-    wait_checkpoint(out, jid, env)
+    wait_checkpoint(out, jid, env, log)
     if how == "signal":   # what Slurm's --signal=B:USR1@120 does before the time limit
         run_ok(["scancel", "--signal=USR1", "--batch", jid], timeout=20, env=env)
         signame = "SIGUSR1"
