@@ -110,7 +110,7 @@ def test_train_dp2_tp2_across_two_hosts(hosts, tmp_path, framework):
     rx0, tx0 = hosts.link_bytes(0)
     t0 = time.monotonic()
     res = mpirun_on_hosts(hosts, hosts.names, 4,
-                          hvdllm_cmd(*train_args(framework, run_dir, 2, 2)), timeout=900)
+                          hvdllm_cmd(*train_args(framework, run_dir, 2, 2)), timeout=1800)
     took = time.monotonic() - t0
     rx1, tx1 = hosts.link_bytes(0)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
