@@ -51,6 +51,8 @@ test-multinode: setup
 	HVDLLM_MULTINODE=1 $(PY) -m pytest tests/test_multinode.py -q -ra -m multinode
 
 # The sbatch scripts in examples/slurm/ on a one-node Slurm started by the test
-# (Debian's slurm-wlm and munge; needs root; docs/clusters.md).
+# (Debian's slurm-wlm, munge and PMIx, installed with apt-get when missing;
+# needs root; docs/clusters.md).
 test-slurm: setup
+	bash tests/slurm/install_slurm.sh
 	HVDLLM_SLURM=1 $(PY) -m pytest tests/test_slurm.py -q -ra -m slurm
