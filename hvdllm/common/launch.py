@@ -101,6 +101,39 @@ def configure_horovod_env(timeout_sec: float, data_parallel: bool = True) -> Non
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(2 * deadline))
 
 
+def start_horovod(hvd: Any, comm: Any, process_sets: Any, timeout: float | None,
+                  start_watchdog: bool, default_timeout_sec: float) -> float:
+    """``hvd.init(comm, process_sets)`` under hvdllm's deadline and hang watchdog.
+
+    The body of both drop-ins' ``hvd.init``: the deadline (``timeout``, else
+    ``$HVDLLM_TIMEOUT_SEC``, else ``default_timeout_sec``), the Open MPI and
+    Horovod settings, the watchdog (unless ``start_watchdog`` is False or one
+    already runs), then Horovod's start-up as a watched wait.
+
+    Returns:
+        The deadline in seconds.
+    """
+    timeout_sec = float(timeout) if timeout is not None else watchdog.timeout_from_env(
+        default_timeout_sec)
+    if not timeout_sec > 0:
+        raise ValueError(f"init: timeout must be > 0 seconds, got {timeout}")
+    for key, value in MPI_ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    configure_horovod_env(timeout_sec)
+    if start_watchdog and not watchdog.current().running:
+        from mpi4py import MPI
+
+        watchdog.Watchdog(MPI.COMM_WORLD, timeout_sec).start()
+    dog = watchdog.current()
+    world = tuple(range(dog.size)) if dog.running else ()
+    with dog.waiting("Horovod start-up (hvd.init)", "world", world):
+        if comm is None:
+            hvd.init(process_sets=process_sets)
+        else:
+            hvd.init(comm=comm, process_sets=process_sets)
+    return timeout_sec
+
+
 def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) -> Any:
     """Initialise Horovod with one process set per multi-rank group; build the groups.
 

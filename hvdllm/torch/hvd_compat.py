@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
@@ -41,7 +40,7 @@ import torch
 from ..common import watchdog as _watchdog
 from ..common.comm import Group
 from ..common.compression import DEFAULT_POWERSGD_RANK, DEFAULT_TOPK_RATIO, check_compression
-from ..common.launch import MPI_ENV_DEFAULTS, configure_horovod_env
+from ..common.launch import start_horovod
 from .compression import GradientCompressor, make_compressor, require_horovod_support
 from .distributed import import_horovod
 
@@ -76,20 +75,8 @@ def init(comm: Any = None, process_sets: Any = None, timeout: float | None = Non
             rank's Horovod thread alive).
     """
     global _timeout_sec
-    _timeout_sec = float(timeout) if timeout is not None else _watchdog.timeout_from_env(
-        DEFAULT_TIMEOUT_SEC)
-    if not _timeout_sec > 0:
-        raise ValueError(f"init: timeout must be > 0 seconds, got {timeout}")
-    for key, value in MPI_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
-    configure_horovod_env(_timeout_sec)
-    if watchdog and not _watchdog.current().running:
-        from mpi4py import MPI
-
-        _watchdog.Watchdog(MPI.COMM_WORLD, _timeout_sec).start()
-    world = tuple(range(_watchdog.current().size)) if _watchdog.current().running else ()
-    with _watchdog.current().waiting("Horovod start-up (hvd.init)", "world", world):
-        _hvd.init(comm=comm, process_sets=process_sets)
+    _timeout_sec = start_horovod(_hvd, comm, process_sets, timeout, watchdog,
+                                 DEFAULT_TIMEOUT_SEC)
 
 
 def _world_ranks() -> tuple[int, ...]:
