@@ -10,7 +10,8 @@ one allreduce has not finished in 60 s.
     mpirun -np 4 python tests/multinode/mpi_threads.py [ITERATIONS] [FLOATS]
 
 ``NOBG=1``: no background thread; ``BGNB=1``: the background thread polls a
-non-blocking allreduce instead.  Results across the two simulated hosts are
+non-blocking allreduce instead; ``MAINWAIT=1``: the main thread blocks in
+``Wait`` instead of polling.  Results across the two simulated hosts are
 in docs/multinode.md ("Open problems").
 """
 import os, sys, threading, time
@@ -43,6 +44,8 @@ for i in range(n):
     s = time.time()
     req = pair.Iallreduce(MPI.IN_PLACE, buf, MPI.SUM)
     pause = 1e-6
+    if os.environ.get("MAINWAIT"):
+        req.Wait()
     while not req.Test():
         time.sleep(pause); pause = min(pause * 2, 1e-3)
         if time.time() - s > 60:
