@@ -17,10 +17,15 @@ BUILD_HINT = ("build it with `make setup` in the hvdllm checkout, or run "
 MPI_ENV_DEFAULTS = {"OMPI_MCA_mpi_yield_when_idle": "1"}
 
 
-def world_comm() -> Any:
-    """``MPI.COMM_WORLD``, with a clear error if mpi4py or MPI is missing."""
+def apply_mpi_env_defaults() -> None:
+    """Set :data:`MPI_ENV_DEFAULTS` the user has not set; before MPI starts."""
     for key, value in MPI_ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+
+
+def world_comm() -> Any:
+    """``MPI.COMM_WORLD``, with a clear error if mpi4py or MPI is missing."""
+    apply_mpi_env_defaults()
     try:
         from mpi4py import MPI
     except ImportError as exc:
@@ -117,8 +122,7 @@ def start_horovod(hvd: Any, comm: Any, process_sets: Any, timeout: float | None,
         default_timeout_sec)
     if not timeout_sec > 0:
         raise ValueError(f"init: timeout must be > 0 seconds, got {timeout}")
-    for key, value in MPI_ENV_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_mpi_env_defaults()
     configure_horovod_env(timeout_sec)
     if start_watchdog and not watchdog.current().running:
         from mpi4py import MPI
