@@ -17,40 +17,58 @@ in docs/multinode.md ("Open problems").
 import os, sys, threading, time
 import numpy as np
 from mpi4py import MPI
+
+BG_POLLS = bool(os.environ.get("BGNB"))      # background thread polls instead of blocking
+MAIN_BLOCKS = bool(os.environ.get("MAINWAIT"))
+NO_BG = bool(os.environ.get("NOBG"))
+LIMIT_SEC = 60
+
 world = MPI.COMM_WORLD
-rank, size = world.Get_rank(), world.Get_size()
+rank = world.Get_rank()
 bg = world.Dup()                                  # like Horovod's communicator
 pair = world.Split(rank % 2, rank)                # ranks {0,2} and {1,3}: across the hosts
 stop = threading.Event()
-cycles = [0]
-def background():
-    x = np.zeros(1, np.int64); y = np.zeros(1, np.int64)
-    while not stop.is_set():
-        if os.environ.get("BGNB"):
-            r = bg.Iallreduce(x, y, MPI.BAND)
-            while not r.Test():
+cycles = 0
+
+
+def background() -> None:
+    """Horovod's coordination cycle: an allreduce every 5 ms on its own communicator."""
+    global cycles
+    x, y = np.zeros(1, np.int64), np.zeros(1, np.int64)
+    while not y[0]:                               # ends when every rank has agreed to stop
+        x[0] = stop.is_set()
+        if BG_POLLS:
+            req = bg.Iallreduce(x, y, MPI.MIN)
+            while not req.Test():
                 time.sleep(1e-4)
         else:
-            bg.Allreduce(x, y, MPI.BAND)              # blocking, every 5 ms (Horovod's cycle)
-        cycles[0] += 1
+            bg.Allreduce(x, y, MPI.MIN)
+        cycles += 1
         time.sleep(0.005)
-    x[0] = 1
-t = threading.Thread(target=background, daemon=True)
-if not os.environ.get("NOBG"): t.start()
+
+
+thread = threading.Thread(target=background)
+if not NO_BG:
+    thread.start()
 n = int(sys.argv[1]) if len(sys.argv) > 1 else 300
 buf = np.ones(int(sys.argv[2]) if len(sys.argv) > 2 else 450_000, np.float32)
-t0 = time.time(); worst = 0.0
+t0, worst = time.time(), 0.0
 for i in range(n):
-    s = time.time()
+    start = time.time()
     req = pair.Iallreduce(MPI.IN_PLACE, buf, MPI.SUM)
-    pause = 1e-6
-    if os.environ.get("MAINWAIT"):
+    if MAIN_BLOCKS:
         req.Wait()
-    while not req.Test():
-        time.sleep(pause); pause = min(pause * 2, 1e-3)
-        if time.time() - s > 60:
-            print(f"rank {rank}: STALL at iteration {i} (bg cycles {cycles[0]})", flush=True); world.Abort(3)
+    pause = 1e-6
+    while not req.Test():                         # hvdllm's bounded wait
+        time.sleep(pause)
+        pause = min(pause * 2, 1e-3)
+        if time.time() - start > LIMIT_SEC:
+            print(f"rank {rank}: STALL at iteration {i} (bg cycles {cycles})", flush=True)
+            world.Abort(3)
     buf[:] = 1.0
-    worst = max(worst, time.time() - s)
-print(f"rank {rank}: {n} iterations in {time.time()-t0:.1f}s, worst {worst:.2f}s, bg cycles {cycles[0]}", flush=True)
+    worst = max(worst, time.time() - start)
+print(f"rank {rank}: {n} iterations in {time.time() - t0:.1f}s, worst {worst:.2f}s, "
+      f"bg cycles {cycles}", flush=True)
 stop.set()
+if thread.is_alive():
+    thread.join()                                 # before MPI finalizes
