@@ -73,9 +73,11 @@ def mpirun_on_hosts(sim: SimulatedHosts, names: tuple[str, ...], np_: int, argv:
 
 
 def test_horovod_sees_two_hosts(hosts):
+    """hvdllm's drop-in ``init`` runs Horovod over Gloo across hosts (stock Horovod over
+    Open MPI's TCP stalls in ``hvd.init`` here: docs/multinode.md)."""
     res = mpirun_on_hosts(hosts, hosts.names, 4,
-                          [sys.executable, str(REPO / "tests" / "multinode" / "horovod_view.py")],
-                          timeout=180)
+                          [sys.executable, str(REPO / "tests" / "multinode" / "horovod_view.py"),
+                           "hvdllm"], timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     views = sorted((json.loads(line) for line in res.stdout.splitlines()
                     if line.startswith("{")), key=lambda v: v["rank"])
@@ -88,6 +90,7 @@ def test_horovod_sees_two_hosts(hosts):
         assert (v["cross_size"], v["cross_rank"]) == (2, host_index), v
         assert v["threads"] == threads, v
         assert v["world_sum"] == 6.0, v
+        assert v["controller"] == "gloo", v
 
 
 def train_args(framework: str, out, dp: int, tp: int) -> list[str]:
@@ -101,10 +104,11 @@ def train_args(framework: str, out, dp: int, tp: int) -> list[str]:
             "--set", f"output.dir={out}"]
 
 
-# (framework, dp, tp): torch at dp=2 x tp=2 on 4 ranks, two per host; TensorFlow
-# at dp=2, one rank per host.  Two ranks per host stall over Open MPI's TCP
-# here (TensorFlow always, torch at times): docs/multinode.md, "Open problems".
-LAYOUTS = [("torch", 2, 2), ("tensorflow", 2, 1)]
+# (framework, dp, tp): both at dp=2 x tp=2 on 4 ranks, two per host, and
+# TensorFlow at dp=2, one rank per host.  Across hosts Horovod runs over Gloo
+# (hvdllm.common.horovod_backend): over Open MPI's TCP its blocking thread and
+# hvdllm's polled waits stall (docs/multinode.md).
+LAYOUTS = [("torch", 2, 2), ("tensorflow", 2, 2), ("tensorflow", 2, 1)]
 
 
 @pytest.mark.parametrize("framework,dp,tp", LAYOUTS, ids=[f"{f}-dp{d}xtp{t}" for f, d, t in LAYOUTS])
@@ -136,11 +140,12 @@ def test_train_across_two_hosts(hosts, tmp_path, framework, dp, tp):
     assert rel.max() < 1e-4, f"max relative diff {rel.max():.2e} at step {rel.argmax() + 1}"
 
     # (b) each TP group on one host; each DP group across both
-    found = re.findall(r"hvdllm: rank (\d+): .* on host (\S+) \((\d+) rank\(s\) on this host",
-                       res.stdout)
-    host_of = {int(rank): host for rank, host, _ in found}
+    found = re.findall(r"hvdllm: rank (\d+): .* on host (\S+) \((\d+) rank\(s\) on this host"
+                       r".*Horovod over (\w+)\)", res.stdout)
+    host_of = {int(rank): host for rank, host, _, _ in found}
     assert sorted(host_of) == list(range(world)), res.stdout[-3000:]
-    assert {int(n) for _, _, n in found} == {per_host}, found
+    assert {int(n) for _, _, n, _ in found} == {per_host}, found
+    assert {backend for *_, backend in found} == {"gloo"}, found
     topo = Topology(dp=dp, tp=tp)
     for group in topo.all_groups("tp"):
         assert len({host_of[r] for r in group}) == 1, (group, host_of)

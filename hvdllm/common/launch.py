@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from . import watchdog
+from . import horovod_backend, watchdog
 from .errors import EnvironmentSetupError
 
 BUILD_HINT = ("build it with `make setup` in the hvdllm checkout, or run "
@@ -131,10 +131,7 @@ def start_horovod(hvd: Any, comm: Any, process_sets: Any, timeout: float | None,
     dog = watchdog.current()
     world = tuple(range(dog.size)) if dog.running else ()
     with dog.waiting("Horovod start-up (hvd.init)", "world", world):
-        if comm is None:
-            hvd.init(process_sets=process_sets)
-        else:
-            hvd.init(comm=comm, process_sets=process_sets)
+        horovod_backend.init(hvd, comm, process_sets, timeout_sec)
     return timeout_sec
 
 
@@ -161,7 +158,7 @@ def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) 
     psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in topology.process_set_ranks()}
     world = tuple(range(comm.Get_size()))
     with watchdog.current().waiting("Horovod start-up (hvd.init)", "world", world):
-        hvd.init(comm=comm, process_sets=list(psets.values()))
+        horovod_backend.init(hvd, comm, list(psets.values()), timeout_sec)
     if hvd.size() != comm.Get_size() or hvd.rank() != comm.Get_rank():
         raise EnvironmentSetupError(
             f"Horovod sees rank {hvd.rank()} of {hvd.size()} but MPI sees rank "

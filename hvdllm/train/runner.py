@@ -122,7 +122,8 @@ def train(cfg: Config) -> TrainSummary:
             print(f"hvdllm: {line}", flush=True)
     if os.environ.get("HVDLLM_VERBOSE"):
         print(f"hvdllm: {describe(topology, rank)} on host {socket.gethostname()} "
-              f"({local_size(comm)} rank(s) on this host, {threads} thread(s) each)", flush=True)
+              f"({local_size(comm)} rank(s) on this host, {threads} thread(s) each; "
+              f"Horovod over {os.environ.get('HOROVOD_CONTROLLER', 'mpi')})", flush=True)
     try:
         summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0,
                                resume=resume)
