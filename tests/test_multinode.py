@@ -7,9 +7,10 @@ stand-in (tests/multinode/rsh_agent.py); Open MPI's TCP traffic is held to
 the hosts' subnet, so every byte between the hosts crosses the veth link.
 
 * Horovod sees two hosts of two ranks (local and cross ranks), threads per
-  rank are sized by the ranks on the host, and an allreduce spans both;
-* ``hvdllm train`` across the hosts (torch at dp=2 x tp=2, TensorFlow at
-  dp=2): the loss of each of 20 steps equals the one-process run within 1e-4
+  rank are sized by the ranks on the host, and an allreduce spans both
+  (stock Horovod, and hvdllm's drop-in over MPI and over Gloo);
+* ``hvdllm train`` across the hosts (both frameworks at dp=2 x tp=2,
+  TensorFlow at dp=2): the loss of each of 20 steps equals the one-process run within 1e-4
   relative, each TP group sits on one host (each DP group on both), and more
   than the data-parallel gradient bytes crossed the link each way;
 * a hostfile naming a host with nothing behind it (no address resolution,
@@ -43,7 +44,8 @@ GLOBAL_BATCH = 8
 # 3 s) or at its 10 s connect timeout (as ssh's ConnectTimeout); Open MPI then
 # reports at once (measured: docs/multinode.md).
 UNREACHABLE_BOUND_SEC = 30
-FORWARD = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "TF_CPP_MIN_LOG_LEVEL", "HVDLLM_VERBOSE")
+FORWARD = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "TF_CPP_MIN_LOG_LEVEL", "HVDLLM_VERBOSE",
+           "HVDLLM_HOROVOD_BACKEND")
 
 
 @pytest.fixture(scope="module")
@@ -65,19 +67,25 @@ def mpirun_on_hosts(sim: SimulatedHosts, names: tuple[str, ...], np_: int, argv:
     assert mpirun, "mpirun not found; run `make setup`"
     cmd = [mpirun, "-np", str(np_), "--hostfile", str(sim.hostfile(names, slots=slots)),
            *sim.mpi_args()]
-    for name in FORWARD:
-        cmd += ["-x", name]
     env.update(sim.agent_env())
     env["HVDLLM_VERBOSE"] = "1"
+    for name in FORWARD:
+        if name in env:
+            cmd += ["-x", name]
     return run(sim.on_host(0, cmd + argv), timeout, env=env, **kw)
 
 
-def test_horovod_sees_two_hosts(hosts):
-    """hvdllm's drop-in ``init`` runs Horovod over Gloo across hosts (stock Horovod over
-    Open MPI's TCP stalls in ``hvd.init`` here: docs/multinode.md)."""
+# (which, HVDLLM_HOROVOD_BACKEND): stock horovod.torch (over MPI), and the
+# hvdllm drop-in over each of its two transports.
+VIEWS = [("horovod", "mpi"), ("hvdllm", "mpi"), ("hvdllm", "gloo")]
+
+
+@pytest.mark.parametrize("which,backend", VIEWS, ids=[f"{w}-{b}" for w, b in VIEWS])
+def test_horovod_sees_two_hosts(hosts, monkeypatch, which, backend):
+    monkeypatch.setenv("HVDLLM_HOROVOD_BACKEND", backend)
     res = mpirun_on_hosts(hosts, hosts.names, 4,
                           [sys.executable, str(REPO / "tests" / "multinode" / "horovod_view.py"),
-                           "hvdllm"], timeout=180)
+                           which], timeout=180)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     views = sorted((json.loads(line) for line in res.stdout.splitlines()
                     if line.startswith("{")), key=lambda v: v["rank"])
@@ -90,7 +98,7 @@ def test_horovod_sees_two_hosts(hosts):
         assert (v["cross_size"], v["cross_rank"]) == (2, host_index), v
         assert v["threads"] == threads, v
         assert v["world_sum"] == 6.0, v
-        assert v["controller"] == "gloo", v
+        assert v["controller"] == backend, v
 
 
 def train_args(framework: str, out, dp: int, tp: int) -> list[str]:
@@ -105,9 +113,7 @@ def train_args(framework: str, out, dp: int, tp: int) -> list[str]:
 
 
 # (framework, dp, tp): both at dp=2 x tp=2 on 4 ranks, two per host, and
-# TensorFlow at dp=2, one rank per host.  Across hosts Horovod runs over Gloo
-# (hvdllm.common.horovod_backend): over Open MPI's TCP its blocking thread and
-# hvdllm's polled waits stall (docs/multinode.md).
+# TensorFlow at dp=2, one rank per host.  Horovod over MPI (the default).
 LAYOUTS = [("torch", 2, 2), ("tensorflow", 2, 2), ("tensorflow", 2, 1)]
 
 
@@ -145,7 +151,7 @@ def test_train_across_two_hosts(hosts, tmp_path, framework, dp, tp):
     host_of = {int(rank): host for rank, host, _, _ in found}
     assert sorted(host_of) == list(range(world)), res.stdout[-3000:]
     assert {int(n) for _, _, n, _ in found} == {per_host}, found
-    assert {backend for *_, backend in found} == {"gloo"}, found
+    assert {backend for *_, backend in found} == {"mpi"}, found
     topo = Topology(dp=dp, tp=tp)
     for group in topo.all_groups("tp"):
         assert len({host_of[r] for r in group}) == 1, (group, host_of)

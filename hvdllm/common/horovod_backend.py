@@ -4,16 +4,13 @@ hvdllm always needs MPI (its groups, point-to-point traffic and watchdog use
 mpi4py).  Horovod's background thread can run its coordination and its
 allreduces either over the same MPI or over Gloo's TCP sockets:
 
-* ``mpi``: one transport for everything; the fastest on one host.
-* ``gloo``: Horovod's thread makes no MPI calls at all.  Across hosts over
-  Open MPI's TCP transport, a thread blocked in an MPI collective (Horovod's
-  cycle) while the main thread polls its own non-blocking operations
-  (hvdllm's bounded waits) stalls Open MPI 5 (docs/multinode.md has the
-  evidence and a plain-MPI reproducer); with Gloo there is no such pair.
+* ``mpi`` (the default): one transport for everything; the fastest here.
+* ``gloo``: Horovod's thread makes no MPI calls at all, for an MPI whose
+  multi-threaded support is poor, or to keep Horovod's traffic on a network
+  of its own (``HOROVOD_GLOO_IFACE``).
 
-``HVDLLM_HOROVOD_BACKEND`` = ``auto`` (the default: ``gloo`` when the ranks
-span more than one host, else ``mpi``), ``mpi`` or ``gloo``.  An exported
-``HOROVOD_CONTROLLER`` decides ``auto`` instead.
+``HVDLLM_HOROVOD_BACKEND`` = ``auto`` (the default: an exported
+``HOROVOD_CONTROLLER``, else ``mpi``), ``mpi`` or ``gloo``.
 
 Gloo needs a rendezvous, which ``horovodrun --gloo`` provides but ``mpirun``
 does not: rank 0 starts Horovod's own rendezvous server
@@ -36,8 +33,8 @@ BACKENDS = ("auto", "mpi", "gloo")
 CONNECT_TIMEOUT_SEC = 3.0
 
 
-def choose_backend(hostnames: Sequence[str]) -> str:
-    """``"mpi"`` or ``"gloo"`` for a world whose ranks run on ``hostnames``."""
+def choose_backend() -> str:
+    """``"mpi"`` or ``"gloo"``, from the environment."""
     choice = os.environ.get(BACKEND_ENV, "auto").strip().lower() or "auto"
     if choice not in BACKENDS:
         raise EnvironmentSetupError(
@@ -45,9 +42,7 @@ def choose_backend(hostnames: Sequence[str]) -> str:
     if choice != "auto":
         return choice
     controller = os.environ.get("HOROVOD_CONTROLLER", "").strip().lower()
-    if controller in ("mpi", "gloo"):
-        return controller
-    return "gloo" if len(set(hostnames)) > 1 else "mpi"
+    return controller if controller in ("mpi", "gloo") else "mpi"
 
 
 def slot_plan(hostnames: Sequence[str]) -> list:
@@ -175,17 +170,16 @@ def init(hvd: Any, comm: Any, process_sets: Any, timeout_sec: float) -> str:
     """
     from mpi4py import MPI
 
-    world = comm if comm is not None else MPI.COMM_WORLD
-    hostnames = world.allgather(MPI.Get_processor_name())
-    backend = choose_backend(hostnames)
+    backend = choose_backend()
     if backend == "gloo":
+        world = comm if comm is not None else MPI.COMM_WORLD
         if world.Get_size() != MPI.COMM_WORLD.Get_size():
             raise EnvironmentSetupError(
                 f"Horovod over Gloo needs the whole MPI world ({MPI.COMM_WORLD.Get_size()} "
                 f"ranks), not a communicator of {world.Get_size()}; set {BACKEND_ENV}=mpi")
         if not os.environ.get("HOROVOD_GLOO_RENDEZVOUS_ADDR"):
             # horovodrun --gloo has set up a rendezvous already; mpirun has not.
-            start_gloo(world, hostnames, timeout_sec)
+            start_gloo(world, world.allgather(MPI.Get_processor_name()), timeout_sec)
         hvd.init(process_sets=process_sets)
     else:
         use_mpi()

@@ -51,9 +51,22 @@ def local_size(comm: Any) -> int:
         node.Free()
 
 
+def cores_allowed() -> int:
+    """Cores this process may run on: the launcher's binding (``mpirun`` binds
+    each of one or two ranks per node to a single core by default)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def threads_per_rank(comm: Any) -> int:
-    """CPU threads each rank should use so ranks on a node do not oversubscribe."""
-    return max(1, (os.cpu_count() or 1) // local_size(comm))
+    """CPU threads each rank should use so ranks on a node do not oversubscribe.
+
+    The node's cores shared by its ranks, and never more than the cores the
+    rank is bound to (more threads than that would only contend).
+    """
+    return max(1, min((os.cpu_count() or 1) // local_size(comm), cores_allowed()))
 
 
 def check_launcher(comm: Any) -> None:

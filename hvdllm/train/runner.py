@@ -28,7 +28,8 @@ from ..common.config import Config, to_toml
 from ..common.data import TokenWindows, load_tokens
 from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
-from ..common.launch import check_launcher, local_size, threads_per_rank, world_comm
+from ..common.launch import (check_launcher, cores_allowed, local_size, threads_per_rank,
+                             world_comm)
 from ..common.metrics import MetricsWriter
 from ..common.topology import Topology, describe
 from ..common.watchdog import Watchdog
@@ -97,6 +98,11 @@ def train(cfg: Config) -> TrainSummary:
                        history=cfg.parallel.flight_record,
                        neighbours=topology.neighbours(rank)).start()
     threads = threads_per_rank(comm)
+    share = max(1, (os.cpu_count() or 1) // local_size(comm))
+    if rank == 0 and threads < share:
+        print(f"hvdllm: warning: rank 0 is bound to {cores_allowed()} core(s) but its share of "
+              f"this host is {share}; it uses {threads} thread(s). Give each rank its cores "
+              f"(mpirun --map-by slot:PE={share}, or --bind-to none)", flush=True)
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
     if dog is not None:
         dog.restart()

@@ -122,10 +122,17 @@ class SimulatedHosts:
                 f'hostname {self.names[index]} && exec "$@"', "sh", *argv]
 
     def mpi_args(self) -> list[str]:
-        """mpirun options that launch through the agent and keep MPI on the veth link."""
+        """mpirun options that launch through the agent and keep MPI on the veth link.
+
+        ``--bind-to none``: the simulated hosts share this machine's cores, but
+        Open MPI binds each host's ranks to cores 0, 1, ... as if each had its
+        own, so a rank of each host lands on every core and their busy-polling
+        waits starve each other (runs stalled for minutes).  On a real cluster
+        each host has its own cores and the binding is harmless.
+        """
         return ["--mca", "plm_rsh_agent", str(AGENT),
                 "--mca", "oob_tcp_if_include", self.subnet,
-                "--mca", "btl_tcp_if_include", self.subnet]
+                "--mca", "btl_tcp_if_include", self.subnet, "--bind-to", "none"]
 
     def agent_env(self) -> dict[str, str]:
         return {"HVDLLM_NETNS_MAP": str(self.map_file)}

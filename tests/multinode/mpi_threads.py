@@ -11,8 +11,9 @@ one allreduce has not finished in 60 s.
 
 ``NOBG=1``: no background thread; ``BGNB=1``: the background thread polls a
 non-blocking allreduce instead; ``MAINWAIT=1``: the main thread blocks in
-``Wait`` instead of polling.  Results across the two simulated hosts are
-in docs/multinode.md ("Open problems").
+``Wait`` instead of polling.  Across the two simulated hosts it stalls when
+Open MPI binds the ranks of both hosts to the same cores, and runs without
+the binding (docs/multinode.md, "Core binding").
 """
 import os, sys, threading, time
 import numpy as np
