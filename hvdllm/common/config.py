@@ -35,6 +35,7 @@ PIPELINE_SCHEDULES = ("gpipe", "1f1b", "interleaved")
 PARTITIONS = ("uniform", "parameters", "balanced")
 RECOMPUTE = ("none", "full")
 OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 @dataclass
@@ -150,6 +151,18 @@ class TrainConfig:
             accumulation steps = global_batch_size / (micro_batch_size * dp).
         lr: peak learning rate of AdamW.
         warmup_steps: linear warm-up steps before the peak learning rate.
+        lr_schedule: after warm-up, "constant" keeps ``lr``; "cosine" and
+            "linear" decay it from ``lr`` to ``min_lr`` at ``steps``.
+        min_lr: the learning rate "cosine" and "linear" reach at the last
+            step; at most ``lr``.
+        eval_every: compute the validation loss every this many steps and
+            at the last step (0 = never); needs ``data.val_fraction`` or
+            ``data.val_path``.
+        eval_batches: global batches of validation windows per evaluation,
+            taken in order from the start of the validation set.
+        peak_flops: FLOP/s of one rank, the denominator of the logged
+            ``mfu``; 0 picks it: a known GPU's dense bf16 peak, else a
+            float32 matmul timed at start-up.
         weight_decay: AdamW decoupled weight decay (matrices only).
         beta1, beta2, eps: AdamW constants.
         seed: seed of the weight initialisation and the data order.
@@ -185,6 +198,11 @@ class TrainConfig:
     micro_batch_size: int = 2
     lr: float = 1e-3
     warmup_steps: int = 0
+    lr_schedule: str = "constant"
+    min_lr: float = 0.0
+    eval_every: int = 0
+    eval_batches: int = 8
+    peak_flops: float = 0.0
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
@@ -211,9 +229,16 @@ class DataConfig:
     Args:
         path: a text file or a directory of text files, read as bytes.
             "" selects the bundled corpus (Python's own documentation).
+        val_fraction: hold out this tail fraction of the corpus tokens as
+            the validation set, in [0, 1); the training windows are cut
+            from the rest.
+        val_path: a separate validation text file or directory (read like
+            ``path``); not together with ``val_fraction``.
     """
 
     path: str = ""
+    val_fraction: float = 0.0
+    val_path: str = ""
 
 
 @dataclass
@@ -462,6 +487,7 @@ def validate(cfg: Config) -> None:
         if not 0.0 <= getattr(t, name) < 1.0:
             raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
     _positive("train.eps", t.eps)
+    _validate_schedule_and_eval(cfg)
     if not t.resume:
         raise ConfigError('train.resume must be "auto", "never" or a checkpoint path, got ""')
     o = cfg.output
@@ -482,6 +508,27 @@ def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         near = _nearest(value, choices)
         hint = f" (did you mean '{near}'?)" if near else ""
         raise ConfigError(f"unknown {name} '{value}'{hint}; choose one of: {', '.join(choices)}")
+
+
+def _validate_schedule_and_eval(cfg: Config) -> None:
+    """Learning-rate schedule, validation set and evaluation cadence, MFU peak."""
+    t, d = cfg.train, cfg.data
+    _choice("train.lr_schedule", t.lr_schedule, LR_SCHEDULES)
+    if not 0.0 <= t.min_lr <= t.lr:
+        raise ConfigError(f"train.min_lr must be in [0, train.lr = {t.lr:g}], got {t.min_lr:g}")
+    if not 0.0 <= t.peak_flops < math.inf:
+        raise ConfigError(f"train.peak_flops must be >= 0 (0 = auto), got {t.peak_flops:g}")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {d.val_fraction:g}")
+    if d.val_fraction > 0 and d.val_path:
+        raise ConfigError(f"set data.val_fraction ({d.val_fraction:g}) or data.val_path "
+                          f"({d.val_path!r}), not both")
+    if t.eval_every < 0:
+        raise ConfigError(f"train.eval_every must be >= 0 (0 = never), got {t.eval_every}")
+    _positive("train.eval_batches", t.eval_batches)
+    if t.eval_every and not (d.val_fraction > 0 or d.val_path):
+        raise ConfigError(f"train.eval_every = {t.eval_every} needs a validation set: set "
+                          f"data.val_fraction or data.val_path")
 
 
 def _validate_data_parallel_depth(cfg: Config) -> None:

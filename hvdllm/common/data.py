@@ -75,7 +75,7 @@ def load_tokens(path: str = "") -> np.ndarray:
 class TokenWindows:
     """Non-overlapping ``seq_len + 1`` windows over a token array."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "corpus"):
         if seq_len < 1:
             raise ConfigError(f"model.seq_len must be >= 1, got {seq_len}")
         self.tokens = np.asarray(tokens)
@@ -83,7 +83,7 @@ class TokenWindows:
         self.num_samples = (len(self.tokens) - 1) // seq_len
         if self.num_samples < 1:
             raise DataError(
-                f"corpus has {len(self.tokens)} tokens, shorter than model.seq_len + 1 = "
+                f"{what} has {len(self.tokens)} tokens, shorter than model.seq_len + 1 = "
                 f"{seq_len + 1}; use more text or a smaller seq_len"
             )
 
@@ -97,6 +97,72 @@ class TokenWindows:
         offsets = np.arange(self.seq_len + 1)
         win = self.tokens[starts[:, None] + offsets[None, :]].astype(np.int64)
         return win[:, :-1], win[:, 1:]
+
+
+def split_validation(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(training tokens, validation tokens): the last ``fraction`` of ``tokens`` is held out.
+
+    The two parts do not overlap, so no training window shares a token with
+    a validation window.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ConfigError(f"data.val_fraction must be in [0, 1), got {fraction:g}")
+    held = int(round(len(tokens) * fraction))
+    cut = len(tokens) - held
+    return tokens[:cut], tokens[cut:]
+
+
+def load_datasets(path: str, val_fraction: float, val_path: str,
+                  seq_len: int) -> tuple["TokenWindows", "TokenWindows | None"]:
+    """Training windows and validation windows (None without a validation set).
+
+    Args:
+        path: ``data.path`` (see :func:`load_tokens`).
+        val_fraction: held-out tail of the corpus (``data.val_fraction``).
+        val_path: a separate validation corpus (``data.val_path``), read
+            like ``path``.
+        seq_len: tokens per sequence.
+    """
+    tokens = load_tokens(path)
+    val_tokens = None
+    if val_path:
+        try:
+            val_tokens = load_tokens(val_path)
+        except DataError as exc:
+            raise DataError(str(exc).replace("data.path", "data.val_path", 1)) from None
+    elif val_fraction > 0:
+        tokens, val_tokens = split_validation(tokens, val_fraction)
+        if len(val_tokens) < seq_len + 1:
+            raise DataError(
+                f"data.val_fraction={val_fraction:g} holds out {len(val_tokens)} tokens, fewer "
+                f"than one window of model.seq_len + 1 = {seq_len + 1}; raise it")
+    train = TokenWindows(tokens, seq_len)
+    val = None if val_tokens is None else TokenWindows(val_tokens, seq_len, what="validation set")
+    return train, val
+
+
+def eval_micro_batches(num_windows: int, global_batch_size: int, micro_batch_size: int,
+                       dp_rank: int, dp_size: int, max_batches: int) -> list[list[np.ndarray]]:
+    """This rank's micro-batches (window indices) of each validation batch.
+
+    Validation batch ``b`` is windows ``b * G .. (b + 1) * G`` (G the global
+    batch size) in corpus order, so every layout evaluates the same windows;
+    each DP rank takes its contiguous slice, cut into micro-batches, as
+    :class:`ShardedBatchSampler` does for training.  At most ``max_batches``
+    whole batches; raises :class:`DataError` when not even one fits.
+    """
+    batches = min(max_batches, num_windows // global_batch_size)
+    if batches < 1:
+        raise DataError(
+            f"the validation set has {num_windows} window(s) of model.seq_len + 1 tokens, "
+            f"fewer than one global batch of {global_batch_size}; use more validation text")
+    per_rank = global_batch_size // dp_size
+    out = []
+    for b in range(batches):
+        start = b * global_batch_size + dp_rank * per_rank
+        mine = np.arange(start, start + per_rank, dtype=np.int64)
+        out.append([mine[i:i + micro_batch_size] for i in range(0, per_rank, micro_batch_size)])
+    return out
 
 
 @dataclass

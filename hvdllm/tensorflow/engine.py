@@ -94,6 +94,8 @@ class TensorFlowEngine:
         # skips tf.function's per-call argument matching.
         self._accumulate = tf.function(self._accumulate_graph)
         self._traced: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
+        self._eval = tf.function(self._eval_graph)
+        self._eval_traced: dict[tuple, tf.types.experimental.ConcreteFunction] = {}
         self._sp_reduce = None
         if tp.sequence_parallel:
             self._sp_reduce = TracedFunction(self._sp_reduce_graph)
@@ -164,6 +166,30 @@ class TensorFlowEngine:
             grads = self.pipeline.reduce_tied_grads(grads)
         self._metrics = self.update.apply(grads, lr).as_metrics()
         return loss
+
+    def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Forward-only mean loss of ``micro_batches``; dropout off, no gradients or RNG draws."""
+        if self.pipeline is not None:
+            return self.pipeline.eval_loss(micro_batches)
+        total = 0.0
+        for x, y in micro_batches:
+            xt, yt = tf.convert_to_tensor(x), tf.convert_to_tensor(y)
+            key = (tuple(xt.shape), tuple(yt.shape), xt.dtype, yt.dtype)
+            graph = self._eval_traced.get(key)
+            if graph is None:
+                graph = self._eval_traced[key] = self._eval.get_concrete_function(xt, yt)
+            if self.tp.size == 1:
+                loss = graph(xt, yt)
+            else:
+                tp = self.groups.tp
+                with watchdog.current().waiting("tensor-parallel forward (TensorFlow graph)",
+                                                tp.kind, tp.ranks):
+                    loss = graph(xt, yt)
+            total += float(loss)
+        return total / len(micro_batches)
+
+    def _eval_graph(self, x: tf.Tensor, y: tf.Tensor) -> tf.Tensor:
+        return self.model.next_token_loss(x, y, training=False)
 
     def describe(self) -> list[str]:
         return list(self._log_lines)

@@ -130,6 +130,23 @@ class TorchEngine:
         self._metrics = self.update.apply(lr).as_metrics()
         return loss
 
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Forward-only mean loss of ``micro_batches``; dropout off, no gradients or RNG draws."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            if self.pipeline is not None:
+                return self.pipeline.eval_loss(micro_batches, autocast=self.update.autocast)
+            total = 0.0
+            for x, y in micro_batches:
+                with self.update.autocast():
+                    loss = self.model.loss(torch.from_numpy(x), torch.from_numpy(y))
+                total += loss.item()
+            return total / len(micro_batches)
+        finally:
+            self.model.train(was_training)
+
     def step_metrics(self) -> dict:
         return self._metrics
 

@@ -113,6 +113,28 @@ def choose_resume(cfg: Config, groups: ParallelGroups) -> ResumePoint:
     return ResumePoint()
 
 
+#: The train.* keys that define the learning rate of every step, with their defaults for
+#: checkpoints written before a key existed.
+SCHEDULE_KEYS = {"lr_schedule": "constant", "lr": None, "min_lr": 0.0, "warmup_steps": None,
+                 "steps": None}
+
+
+def schedule_changes(manifest: dict, cfg: Config) -> str:
+    """"key saved -> now" for each schedule setting that differs from the checkpoint's; "" if none."""
+    saved = (manifest.get("config") or {}).get("train") or {}
+    now = dataclasses.asdict(cfg.train)
+    # A constant schedule does not depend on min_lr or steps (extending a run is fine).
+    constant = now["lr_schedule"] == saved.get("lr_schedule", "constant") == "constant"
+    diffs = []
+    for key, default in SCHEDULE_KEYS.items():
+        if constant and key in ("min_lr", "steps"):
+            continue
+        before = saved.get(key, default)
+        if before is not None and before != now[key]:
+            diffs.append(f"train.{key} {before!r} -> {now[key]!r}")
+    return ", ".join(diffs)
+
+
 def same_layout(manifest: dict, cfg: Config) -> bool:
     topo = manifest["topology"]
     return (manifest.get("framework") == cfg.train.framework
@@ -193,6 +215,10 @@ class RunCheckpoints:
             print(f"hvdllm: resuming from {point.path} at step {point.step}{how}", flush=True)
             for note in notes:
                 print(f"hvdllm: note: {note}", flush=True)
+            changed = schedule_changes(point.manifest, self.cfg)
+            if changed:
+                print(f"hvdllm: warning: the learning-rate schedule differs from the "
+                      f"checkpoint's: {changed}; continuing with this config's", flush=True)
         return point.step
 
     def start(self) -> None:

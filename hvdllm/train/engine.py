@@ -38,6 +38,19 @@ class Engine(Protocol):
             micro-batch's mean token cross-entropy.
         """
 
+    def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Forward-only loss of this rank's micro-batches (validation).
+
+        No gradients, no optimizer or other state change, no random draws
+        (dropout off).  Collective over the tensor- and pipeline-parallel
+        groups: with pp > 1 the loss is computed on the last stage and
+        returned on every stage.
+
+        Returns:
+            The mean over ``micro_batches`` of each one's mean token
+            cross-entropy.
+        """
+
     def step_metrics(self) -> dict[str, Any]:
         """Extras of the last step for ``metrics.jsonl`` (``comm_bytes``, ``grad_norm``,
         ``loss_scale`` and ``skipped`` with fp16); may be empty."""

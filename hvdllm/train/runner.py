@@ -25,7 +25,7 @@ import numpy as np
 
 from ..common.comm import PendingOp
 from ..common.config import Config, to_toml
-from ..common.data import TokenWindows, load_tokens
+from ..common.data import eval_micro_batches, load_datasets
 from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
 from ..common.launch import (check_launcher, cores_allowed, local_size, threads_per_rank,
@@ -36,6 +36,7 @@ from ..common.watchdog import Watchdog
 from ..common.checkpoint_writer import check_writable
 from .checkpointing import Preempted, choose_resume
 from .loop import TrainSummary, run_training
+from .mfu import compute_device_name, flops_per_token, resolve_peak
 
 ADAPTERS = {"torch": "hvdllm.torch", "tensorflow": "hvdllm.tensorflow"}
 
@@ -84,7 +85,12 @@ def train(cfg: Config) -> TrainSummary:
         check_launcher(comm)
         topology = Topology(cfg.parallel.dp, cfg.parallel.tp, cfg.parallel.pp)
         topology.check_world_size(size)
-        windows = TokenWindows(load_tokens(cfg.data.path), cfg.model.seq_len)
+        d, t = cfg.data, cfg.train
+        windows, val_windows = load_datasets(d.path, d.val_fraction, d.val_path,
+                                             cfg.model.seq_len)
+        if t.eval_every and val_windows is not None:  # at least one validation batch fits
+            eval_micro_batches(len(val_windows), t.global_batch_size, t.micro_batch_size, 0,
+                               topology.dp, t.eval_batches)
         check_writable(cfg.output.dir)
         engine_mod, dist_mod = _load_adapter(cfg.train.framework)
     except HvdllmError as exc:
@@ -118,11 +124,21 @@ def train(cfg: Config) -> TrainSummary:
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
     writer.write_config(to_toml(cfg))
     engine = engine_mod.build_engine(cfg, groups, threads=threads)
+    # Every rank times its matmul at once, so the measured peak sees the host shared.
+    peak, peak_source = resolve_peak(cfg.train.peak_flops,
+                                     compute_device_name(cfg.train.framework),
+                                     cfg.train.framework)
     if rank == 0:
+        val_text = ""
+        if val_windows is not None:
+            val_text = f"; validation {len(val_windows.tokens):,} tokens"
         print(f"hvdllm: {cfg.train.framework} {cfg.model.family} with {engine.num_params:,} "
               f"parameters; world {size} = dp {topology.dp} x tp {topology.tp} x pp "
               f"{topology.pp}; {cfg.grad_accum_steps} accumulation step(s) of "
-              f"{cfg.train.micro_batch_size} sequences; corpus {len(windows.tokens):,} tokens",
+              f"{cfg.train.micro_batch_size} sequences; corpus {len(windows.tokens):,} "
+              f"tokens{val_text}", flush=True)
+        print(f"hvdllm: mfu against a peak of {peak / 1e12:.3g} TFLOP/s per rank "
+              f"({peak_source}); {flops_per_token(cfg.model) / 1e6:.3g} MFLOP per token",
               flush=True)
         for line in engine.describe():
             print(f"hvdllm: {line}", flush=True)
@@ -132,7 +148,7 @@ def train(cfg: Config) -> TrainSummary:
               f"Horovod over {os.environ.get('HOROVOD_CONTROLLER', 'mpi')})", flush=True)
     try:
         summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0,
-                               resume=resume)
+                               resume=resume, val_windows=val_windows, peak_flops=peak)
     except Preempted as exc:
         exc.agreed = exc.all_ranks = True  # type: ignore[attr-defined]
         if dog is not None:
@@ -148,6 +164,8 @@ def train(cfg: Config) -> TrainSummary:
             print(f"hvdllm: checkpoint in {summary.checkpoint} (hvdllm convert --to-hf "
                   f"{summary.checkpoint} --out DIR)", flush=True)
         loss_text = f"; loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else ""
+        if summary.val_losses:
+            loss_text += f"; val_loss {summary.val_losses[-1][1]:.4f}"
         print(f"hvdllm: done steps {summary.first_step}-{summary.steps} in "
               f"{summary.elapsed_sec:.1f}s{loss_text}; metrics in {cfg.output.dir}/metrics.jsonl",
               flush=True)

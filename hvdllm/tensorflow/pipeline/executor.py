@@ -285,6 +285,37 @@ class PipelineExecutor(StageWalker):
                                    self.tied_tag(), "tied embedding gradient")
         return grads[:i] + [grads[i] + other] + grads[i + 1:]
 
+    # -- evaluation -------------------------------------------------------------
+    def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        """Forward-only mean loss of ``micro_batches``, returned on every stage.
+
+        Each micro-batch goes through the chunks in model order, one after
+        the other, eagerly and with dropout off; activations move with the
+        group's self-describing point-to-point calls, as in
+        :meth:`forward_logits`.  The last stage computes the losses.
+        """
+        p, control = self.num_stages, self._control
+        blocks = {b.name: b for b in self.model.blocks}
+        losses: dict[int, float] = {}
+        for mb, (x, y) in enumerate(micro_batches):
+            for g in range(self.num_chunks):
+                stage, c = chunk_location(g, p)
+                if stage != self.stage:
+                    continue
+                chunk = self.chunks[c]
+                if chunk.first:
+                    inputs = tf.convert_to_tensor(x)
+                else:
+                    inputs = tf.convert_to_tensor(control.recv((stage - 1) % p, tag=g))
+                out = run_chunk(self.model, chunk, [blocks[k] for k in chunk.keys], inputs,
+                                tf.convert_to_tensor(y) if chunk.last else None, training=False)
+                if chunk.last:
+                    losses[mb] = float(out)
+                else:
+                    control.send(np.ascontiguousarray(tf.cast(out, tf.float32).numpy()),
+                                 (stage + 1) % p, tag=g + 1)
+        return self.shared_loss(losses, len(micro_batches))
+
     # -- inference ------------------------------------------------------------
     def language_model(self) -> "PipelinedLM":
         """An object whose ``generate`` samples through the whole pipeline (every stage calls it)."""

@@ -144,6 +144,39 @@ class PipelineExecutor(StageWalker):
         if inp is not None:
             step.input_grads[mb, c] = inp.grad
 
+    # -- evaluation -------------------------------------------------------------
+    @torch.no_grad()
+    def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]], *,
+                  autocast: Callable[[], ContextManager] | None = None) -> float:
+        """Forward-only mean loss of ``micro_batches``, returned on every stage.
+
+        Each micro-batch goes through the chunks in model order, one after
+        the other (no schedule, nothing to overlap with); activations move
+        with the group's self-describing point-to-point calls, as in
+        :meth:`forward_logits`.  The last stage computes the losses.
+        """
+        autocast = autocast or contextlib.nullcontext
+        p, control = self.num_stages, self._control
+        losses: dict[int, float] = {}
+        for mb, (x, y) in enumerate(micro_batches):
+            for g in range(self.num_chunks):
+                stage, c = chunk_location(g, p)
+                if stage != self.stage:
+                    continue
+                chunk = self.chunks[c]
+                if chunk.first:
+                    inputs = torch.from_numpy(x)
+                else:
+                    inputs = torch.from_numpy(control.recv((stage - 1) % p, tag=g))
+                with autocast():
+                    out = run_chunk(self.model, chunk, inputs,
+                                    torch.from_numpy(y) if chunk.last else None, False)
+                if chunk.last:
+                    losses[mb] = out.item()
+                else:
+                    control.send(out.float().numpy(), (stage + 1) % p, tag=g + 1)
+        return self.shared_loss(losses, len(micro_batches))
+
     # -- tied embedding -------------------------------------------------------
     def reduce_tied_grads(self) -> None:
         """Sum the tied head/embedding gradient of the first and last stages (both get it).
