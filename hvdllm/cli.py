@@ -2,6 +2,9 @@
 
     hvdllm train --config FILE.toml [--set section.key=value ...]
     hvdllm convert --from-hf DIR --out CKPT | --to-hf CKPT --out DIR
+    hvdllm plot RUN_DIR [RUN_DIR ...] --out FILE.png [--title T]
+    hvdllm tokenizer train CORPUS... --vocab-size N --out DIR
+    hvdllm prepare CORPUS... --tokenizer T --out DIR [--workers N]
     hvdllm info
 
 ``train`` runs as a single process, under ``horovodrun -np N -H localhost:N``
@@ -14,7 +17,7 @@ import argparse
 import os
 import sys
 
-from . import __version__
+from . import __version__, cli_data
 from .common.errors import HvdllmError
 
 EXIT_USAGE = 2
@@ -30,7 +33,10 @@ def _parser() -> argparse.ArgumentParser:
                "  horovodrun -np 2 -H localhost:2 hvdllm train --config configs/example.toml\n"
                "  mpirun -np 4 hvdllm train --config configs/example.toml --set parallel.dp=4\n"
                "  hvdllm convert --from-hf ./gpt2 --out ckpt/gpt2\n"
-               "  hvdllm convert --to-hf ckpt/gpt2 --out ./gpt2-hf")
+               "  hvdllm convert --to-hf ckpt/gpt2 --out ./gpt2-hf\n"
+               "  hvdllm plot runs/demo runs/other --out curves.png\n"
+               "  hvdllm tokenizer train corpus/ --vocab-size 4096 --out tok/\n"
+               "  hvdllm prepare corpus/ --tokenizer tok/ --out prepared/")
     parser.add_argument("--version", action="version", version=f"hvdllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a TOML config")
@@ -49,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="PATH",
                          help="directory to write (an hvdllm checkpoint, or a Hugging Face "
                               "directory with --to-hf)")
+    plot = sub.add_parser(
+        "plot", help="draw the training curves of one or more runs into an image",
+        description="Read each run directory's metrics.jsonl (and config.toml for the tokens "
+                    "axis) and draw loss and validation loss (dashed) vs step, loss vs tokens "
+                    "and tokens/s vs step, one colour per run.")
+    plot.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run's output.dir")
+    plot.add_argument("--out", required=True, metavar="FILE.png", help="image to write")
+    plot.add_argument("--title", help="title above the plots")
+    cli_data.add_parsers(sub)
     sub.add_parser("info", help="print versions and what Horovod was built with")
     return parser
 
@@ -123,6 +138,20 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "plot":
+        try:
+            from .common.plot import plot_runs
+
+            runs = plot_runs(args.runs, args.out, args.title)
+        except HvdllmError as exc:
+            return _report(exc)
+        print(f"wrote {args.out}: {len(runs)} run(s)")
+        return 0
+    if args.command in cli_data.COMMANDS:
+        try:
+            return cli_data.run(args)
+        except HvdllmError as exc:
+            return _report(exc)
     if args.command == "convert":
         try:
             return _convert(args)

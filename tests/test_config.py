@@ -53,7 +53,7 @@ def test_roundtrip_through_toml():
     (["train.framework=jax"], r"unknown train.framework 'jax'"),
     (["train.framework=torhc"], r"did you mean 'torch'"),
     (["model.d_model=65"], r"d_model=65 is not divisible by model.n_head=4"),
-    (["model.vocab_size=100"], r"too small for the byte tokenizer"),
+    (["model.vocab_size=100"], r"model.vocab_size = 100 is smaller than data.tokenizer.s vocabulary of 256"),
     (["train.steps=0"], r"'train.steps' must be > 0"),
     (["oops"], r"--set expects section.key=value"),
 ])

@@ -55,7 +55,7 @@ class ModelConfig:
             4 * d_model for gpt; for llama 8/3 * d_model rounded up to a
             multiple of 64 (as in LLaMA).
         seq_len: tokens per training sequence (the context length).
-        vocab_size: vocabulary size; at least 256 for the byte tokenizer.
+        vocab_size: vocabulary size; at least the tokenizer's (256 for bytes).
         dropout: dropout probability.  Keep 0.0 to compare layouts exactly.
         init_std: standard deviation of the normal weight initialisation.
         norm_eps: epsilon of LayerNorm (gpt) or RMSNorm (llama).
@@ -167,7 +167,7 @@ class TrainConfig:
         beta1, beta2, eps: AdamW constants.
         seed: seed of the weight initialisation and the data order.
         log_every: write a metrics line every this many steps.
-        sample_tokens: bytes of text to generate at the end (0 = none).
+        sample_tokens: tokens of text to generate at the end (0 = none).
         optimizer: "adamw", or "sgd" (with ``momentum``; weight decay as L2).
         momentum: SGD momentum.
         compression: gradient compression on the data-parallel wire: "none",
@@ -227,8 +227,14 @@ class DataConfig:
     """Training text.
 
     Args:
-        path: a text file or a directory of text files, read as bytes.
-            "" selects the bundled corpus (Python's own documentation).
+        path: a text file or a directory of text files, or a corpus
+            directory written by ``hvdllm prepare`` (memory-mapped, for
+            corpora larger than memory).  "" selects the bundled corpus
+            (Python's own documentation).
+        tokenizer: "bytes" (UTF-8 bytes, vocabulary 256), or a Hugging Face
+            ``tokenizer.json`` or a directory holding one (``hvdllm
+            tokenizer train`` writes one).  ``model.vocab_size`` must hold
+            its vocabulary; a prepared corpus must have been made with it.
         val_fraction: hold out this tail fraction of the corpus tokens as
             the validation set, in [0, 1); the training windows are cut
             from the rest.
@@ -237,6 +243,7 @@ class DataConfig:
     """
 
     path: str = ""
+    tokenizer: str = "bytes"
     val_fraction: float = 0.0
     val_path: str = ""
 
@@ -460,10 +467,7 @@ def validate(cfg: Config) -> None:
         )
     _positive("model.norm_eps", m.norm_eps)
     _positive("model.rope_theta", m.rope_theta)
-    if m.vocab_size < 256:
-        raise ConfigError(
-            f"model.vocab_size={m.vocab_size} is too small for the byte tokenizer (needs >= 256)"
-        )
+    _validate_tokenizer(cfg)
     if not 0.0 <= m.dropout < 1.0:
         raise ConfigError(f"model.dropout must be in [0, 1), got {m.dropout}")
     _positive("model.init_std", m.init_std)
@@ -579,6 +583,14 @@ def _validate_pipeline(cfg: Config) -> None:
                 f"the interleaved schedule needs the micro-batches per step to divide by "
                 f"parallel.pp: global_batch_size={t.global_batch_size} / (micro_batch_size="
                 f"{t.micro_batch_size} x dp={p.dp}) = {micro} micro-batches, pp={p.pp}")
+
+
+def _validate_tokenizer(cfg: "Config") -> None:
+    """``model.vocab_size`` holds ``data.tokenizer``'s vocabulary (and a prepared
+    corpus's, made with the same tokenizer: checked when the corpus is opened)."""
+    from .tokenizer import check_vocab, load_tokenizer
+
+    check_vocab(load_tokenizer(cfg.data.tokenizer), cfg.model.vocab_size)
 
 
 def _validate_tensor_parallel(cfg: Config) -> None:

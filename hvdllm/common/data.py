@@ -20,21 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, DataError
-
-BYTE_VOCAB_SIZE = 256
-
-
-class ByteTokenizer:
-    """UTF-8 bytes as tokens: vocabulary of 256, no unknown tokens."""
-
-    vocab_size = BYTE_VOCAB_SIZE
-
-    def encode(self, text: str) -> np.ndarray:
-        return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).copy()
-
-    def decode(self, tokens) -> str:
-        arr = np.asarray(tokens, dtype=np.int64)
-        return bytes(int(t) for t in arr if 0 <= t < 256).decode("utf-8", errors="replace")
+from .tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, load_tokenizer  # noqa: F401 (re-exported)
 
 
 def bundled_corpus_text() -> str:
@@ -52,24 +38,42 @@ def _read_dir(root: Path) -> bytes:
     return b"\n\n".join(p.read_bytes() for p in files)
 
 
-def load_tokens(path: str = "") -> np.ndarray:
-    """Token array (uint8) of the corpus at ``path``; "" is the bundled corpus.
+def load_tokens(path: str = "", tokenizer: str = "bytes"):
+    """Token array of the corpus at ``path``; "" is the bundled corpus.
 
     ``path`` may be a text file or a directory, read recursively in sorted
-    order (hidden files skipped).
+    order (hidden files skipped), encoded with ``tokenizer``
+    (``data.tokenizer``): bytes give a uint8 array.  A directory written by
+    ``hvdllm prepare`` is opened memory-mapped instead
+    (:class:`hvdllm.common.shards.TokenShards`), after checking that it was
+    made with ``tokenizer``.
     """
+    from .shards import TokenShards, check_tokenizer_matches, is_prepared
+
+    tok = load_tokenizer(tokenizer)
     if path == "":
-        return ByteTokenizer().encode(bundled_corpus_text())
+        return _encode(tok, bundled_corpus_text().encode("utf-8"))
     p = Path(os.path.expanduser(path))
     if not p.exists():
         raise DataError(f"data.path not found: {path}")
+    if is_prepared(p):
+        shards = TokenShards(p)
+        check_tokenizer_matches(shards, tokenizer)
+        return shards
     try:
         raw = _read_dir(p) if p.is_dir() else p.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read data.path {path}: {exc.strerror or exc}") from None
     if not raw:
         raise DataError(f"data.path {path} is empty")
-    return np.frombuffer(raw, dtype=np.uint8).copy()
+    return _encode(tok, raw)
+
+
+def _encode(tok, raw: bytes) -> np.ndarray:
+    if isinstance(tok, ByteTokenizer):
+        return np.frombuffer(raw, dtype=np.uint8).copy()
+    ids = tok.encode(raw.decode("utf-8", errors="replace"))
+    return ids.astype(np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32)
 
 
 class TokenWindows:
@@ -78,7 +82,8 @@ class TokenWindows:
     def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "corpus"):
         if seq_len < 1:
             raise ConfigError(f"model.seq_len must be >= 1, got {seq_len}")
-        self.tokens = np.asarray(tokens)
+        # A memory-mapped prepared corpus stays on disk: only batches are gathered.
+        self.tokens = tokens if hasattr(tokens, "fingerprint") else np.asarray(tokens)
         self.seq_len = seq_len
         self.num_samples = (len(self.tokens) - 1) // seq_len
         if self.num_samples < 1:
@@ -112,8 +117,8 @@ def split_validation(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, n
     return tokens[:cut], tokens[cut:]
 
 
-def load_datasets(path: str, val_fraction: float, val_path: str,
-                  seq_len: int) -> tuple["TokenWindows", "TokenWindows | None"]:
+def load_datasets(path: str, val_fraction: float, val_path: str, seq_len: int,
+                  tokenizer: str = "bytes") -> tuple["TokenWindows", "TokenWindows | None"]:
     """Training windows and validation windows (None without a validation set).
 
     Args:
@@ -122,12 +127,13 @@ def load_datasets(path: str, val_fraction: float, val_path: str,
         val_path: a separate validation corpus (``data.val_path``), read
             like ``path``.
         seq_len: tokens per sequence.
+        tokenizer: ``data.tokenizer``.
     """
-    tokens = load_tokens(path)
+    tokens = load_tokens(path, tokenizer)
     val_tokens = None
     if val_path:
         try:
-            val_tokens = load_tokens(val_path)
+            val_tokens = load_tokens(val_path, tokenizer)
         except DataError as exc:
             raise DataError(str(exc).replace("data.path", "data.val_path", 1)) from None
     elif val_fraction > 0:
@@ -207,7 +213,13 @@ class ShardedBatchSampler:
             if len(self._perm_cache) > 2:
                 self._perm_cache.pop(min(self._perm_cache))
             rng = np.random.default_rng([self.seed, epoch])
-            self._perm_cache[epoch] = rng.permutation(self.num_samples)
+            if self.num_samples < 1 << 32:
+                # The order of rng.permutation(n) at half its memory (8 -> 4 bytes a window).
+                perm = np.arange(self.num_samples, dtype=np.uint32)
+                rng.shuffle(perm)
+            else:
+                perm = rng.permutation(self.num_samples)
+            self._perm_cache[epoch] = perm
         return self._perm_cache[epoch]
 
     def stream(self, start: int, count: int) -> np.ndarray:

@@ -9,7 +9,8 @@ import numpy as np
 
 from ..common import watchdog
 from ..common.config import Config
-from ..common.data import ByteTokenizer, ShardedBatchSampler, TokenWindows, eval_micro_batches
+from ..common.data import ShardedBatchSampler, TokenWindows, eval_micro_batches
+from ..common.tokenizer import load_tokenizer
 from ..common.metrics import MetricsWriter, ProgressBar
 from ..common.topology import ParallelGroups
 from .checkpointing import Preempted, ResumePoint, RunCheckpoints
@@ -161,7 +162,7 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
     summary.steps = t.steps
     summary.elapsed_sec = time.perf_counter() - start
     if t.sample_tokens:
-        tok = ByteTokenizer()
+        tok = load_tokenizer(cfg.data.tokenizer)
         prompt = tok.encode("The ")
         out = engine.generate(prompt, t.sample_tokens, seed=t.seed)
         summary.sample_text = tok.decode(out)

@@ -87,7 +87,7 @@ def train(cfg: Config) -> TrainSummary:
         topology.check_world_size(size)
         d, t = cfg.data, cfg.train
         windows, val_windows = load_datasets(d.path, d.val_fraction, d.val_path,
-                                             cfg.model.seq_len)
+                                             cfg.model.seq_len, d.tokenizer)
         if t.eval_every and val_windows is not None:  # at least one validation batch fits
             eval_micro_batches(len(val_windows), t.global_batch_size, t.micro_batch_size, 0,
                                topology.dp, t.eval_batches)
