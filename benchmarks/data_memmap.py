@@ -7,7 +7,8 @@
    tokenizer and 2 workers: a token file of ``--gb`` GB (uint16 shards).
 2. Trains the demo model (``configs/demo.toml``, torch, dp=2 under
    ``mpirun -np 2``) for ``--steps`` steps twice: on the prepared corpus, and
-   on the bundled 0.5 MB corpus, the peer measured in the same run.  Every
+   on the bundled 0.5 MB corpus, the peer measured in the same run (the page
+   cache is emptied first when run as root, as a later job would find it).  Every
    0.2 s it reads each rank's ``/proc/PID/status``: ``RssAnon`` (the rank's
    own memory), ``RssFile`` (file pages mapped, the page cache's and shared
    with other ranks) and ``VmRSS``.
@@ -52,6 +53,18 @@ def write_corpus(path: Path, nbytes: int) -> None:
             f.write(block)
             written += len(block)
             copy += 1
+
+
+def drop_page_cache() -> bool:
+    """Empty the page cache (root only), so training finds the shards on disk as a later
+    job would.  Just-written pages sit in the cache in large folios, and a rank touching
+    one token maps the whole folio: RssFile then grows by megabytes a window."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
 
 
 def status(pid: int) -> dict[str, int] | None:
@@ -173,6 +186,7 @@ def main() -> int:
                        env=env(), cwd=REPO, check=True)
         t_prepare = time.perf_counter() - t0
         token_bytes = sum(p.stat().st_size for p in prepared.glob("shard-*.bin"))
+        dropped = drop_page_cache()
         big = train(str(prepared), work / "run_prepared", args.steps)
         small = train("", work / "run_bundled", args.steps)
         per_step = loading_cost(prepared)
@@ -182,7 +196,8 @@ def main() -> int:
 
     mb = 1 / 2**20
     print(f"\ncorpus text {nbytes / 1e9:.2f} GB written in {t_write:.0f}s; `hvdllm prepare` "
-          f"(2 workers) {t_prepare:.0f}s; token shards {token_bytes / 1e9:.2f} GB")
+          f"(2 workers) {t_prepare:.0f}s; token shards {token_bytes / 1e9:.2f} GB; page cache "
+          f"{'dropped before training' if dropped else 'NOT dropped (not root): RssFile is high'}")
     print("\n| run | rank | RssAnon at first step | RssAnon peak | RssAnon last | "
           "RssFile peak | VmRSS peak |")
     print("|---|---|---|---|---|---|---|")

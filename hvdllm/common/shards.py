@@ -21,6 +21,7 @@ training rank holds only the windows of its batch.
 from __future__ import annotations
 
 import json
+import mmap
 import multiprocessing
 import os
 import shutil
@@ -199,6 +200,18 @@ def prepare(corpus: Sequence[str], tokenizer_spec: str, out_dir: str | Path,
     return index
 
 
+def _random_access(mapped: np.memmap) -> None:
+    """Tell the kernel the windows are read at random: no read-ahead around each one
+    (which would map megabytes of the corpus per window into the rank)."""
+    mm = getattr(mapped, "_mmap", None)
+    advice = getattr(mmap, "MADV_RANDOM", None)
+    if mm is not None and advice is not None:
+        try:
+            mm.madvise(advice)
+        except (OSError, ValueError):
+            pass
+
+
 class TokenShards:
     """A prepared corpus as a read-only token array, memory-mapped shard by shard.
 
@@ -242,7 +255,9 @@ class TokenShards:
                                 f"({want} bytes): truncated or changed; run `hvdllm prepare` "
                                 f"again")
             if n:
-                maps.append(np.memmap(file, dtype=dtype, mode="r", shape=(n,)))
+                mapped = np.memmap(file, dtype=dtype, mode="r", shape=(n,))
+                _random_access(mapped)
+                maps.append(mapped)
                 bounds.append(bounds[-1] + n)
         if bounds[-1] == 0:
             raise DataError(f"the prepared corpus {root} holds no tokens")
