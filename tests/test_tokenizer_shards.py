@@ -165,3 +165,24 @@ def test_cli_tokenizer_prepare_train_generate(corpus, tmp_path):
                            f"data.tokenizer={json.dumps(str(tok_dir))}"), timeout=60)
     assert small.returncode == 2 and "is smaller than data.tokenizer's vocabulary" in small.stderr
     assert len(small.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_over_mpi_ranks_matches_one_process(corpus, tmp_path):
+    """`mpirun -np 2 hvdllm prepare`: the ranks share the pieces; the stream is the same."""
+    from conftest import hvdllm_cmd, mpirun_prefix, run, run_ok
+
+    prepare([str(corpus)], "bytes", tmp_path / "one", workers=1,
+            piece_bytes=int(0.0003 * (1 << 20)))  # the --piece-mb below
+    res = run_ok(mpirun_prefix(2) + hvdllm_cmd("prepare", str(corpus), "--out",
+                                               str(tmp_path / "two"), "--piece-mb", "0.0003"),
+                 timeout=120)
+    assert res.stdout.count("wrote ") == 1  # rank 0 reports
+    one, two = TokenShards(tmp_path / "one"), TokenShards(tmp_path / "two")
+    assert len(two.index["shards"]) == len(one.index["shards"])
+    assert np.array_equal(np.asarray(one), np.asarray(two))
+    # rank 0's refusal reaches every rank: one line, no hang
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "x").write_text("x")
+    bad = run(mpirun_prefix(2) + hvdllm_cmd("prepare", str(corpus), "--out",
+                                            str(tmp_path / "busy")), timeout=120)
+    assert bad.returncode != 0 and "not a prepared corpus" in bad.stderr, bad.stderr

@@ -147,16 +147,22 @@ def prepare(corpus: Sequence[str], tokenizer_spec: str, out_dir: str | Path,
     out = Path(out_dir)
     comm = _mpi_world()
     rank, size = (comm.Get_rank(), comm.Get_size()) if comm is not None else (0, 1)
+    problem = None
     if rank == 0:
-        if out.exists() and any(out.iterdir()) and not is_prepared(out):
-            raise DataError(f"--out {out} exists and is not a prepared corpus; "
-                            f"name an empty or new directory")
-        out.mkdir(parents=True, exist_ok=True)
-        for old in out.glob("shard-*.bin"):
-            old.unlink()
-        (out / INDEX).unlink(missing_ok=True)
-    if comm is not None:
-        comm.Barrier()
+        try:
+            if out.exists() and any(out.iterdir()) and not is_prepared(out):
+                raise DataError(f"--out {out} exists and is not a prepared corpus; "
+                                f"name an empty or new directory")
+            out.mkdir(parents=True, exist_ok=True)
+            for old in out.glob("shard-*.bin"):
+                old.unlink()
+            (out / INDEX).unlink(missing_ok=True)
+        except (DataError, OSError) as exc:
+            problem = str(exc) if isinstance(exc, DataError) else f"cannot write --out {out}: {exc}"
+    if comm is not None:  # every rank learns of rank 0's failure, none waits for it
+        problem = comm.bcast(problem, root=0)
+    if problem:
+        raise DataError(problem)
     pieces = plan_pieces(files, piece_bytes)
     names = [f"shard-{i:05d}.bin" for i in range(len(pieces))]
     spec = str(tokenizer_file(tokenizer_spec) or "bytes")
@@ -172,11 +178,18 @@ def prepare(corpus: Sequence[str], tokenizer_spec: str, out_dir: str | Path,
                        for i in mine}
             counts = {i: f.result() for i, f in futures.items()}
     else:
-        counts = {i: _encode_piece(pieces[i], spec, str(out / names[i])) for i in mine}
+        try:
+            counts = {i: _encode_piece(pieces[i], spec, str(out / names[i])) for i in mine}
+        except OSError as exc:
+            if comm is None:
+                raise DataError(f"cannot tokenize into {out}: {exc}") from None
+            counts = {-1: f"rank {rank}: {exc}"}
     if comm is not None:
-        gathered = comm.gather(counts, root=0)
-        if rank == 0:
-            counts = {k: v for part in gathered for k, v in part.items()}
+        gathered = comm.allgather(counts)
+        failed = [part[-1] for part in gathered if -1 in part]
+        if failed:
+            raise DataError(f"cannot tokenize into {out}: {'; '.join(failed)}")
+        counts = {k: v for part in gathered for k, v in part.items()}
     index = None
     if rank == 0:
         total = sum(counts.values())
