@@ -30,7 +30,7 @@ from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
 from ..common.launch import (check_launcher, cores_allowed, local_size, threads_per_rank,
                              world_comm)
-from ..common.metrics import MetricsWriter
+from ..common.metrics import MetricsWriter, _summary_writer_class
 from ..common.topology import Topology, describe
 from ..common.watchdog import Watchdog
 from ..common.checkpoint_writer import check_writable
@@ -92,6 +92,8 @@ def train(cfg: Config) -> TrainSummary:
             eval_micro_batches(len(val_windows), t.global_batch_size, t.micro_batch_size, 0,
                                topology.dp, t.eval_batches)
         check_writable(cfg.output.dir)
+        if rank == 0:  # the metrics writer's TensorBoard library, checked while ranks agree
+            _summary_writer_class()
         engine_mod, dist_mod = _load_adapter(cfg.train.framework)
     except HvdllmError as exc:
         error = exc
