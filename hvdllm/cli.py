@@ -2,6 +2,7 @@
 
     hvdllm train --config FILE.toml [--set section.key=value ...]
     hvdllm convert --from-hf DIR --out CKPT | --to-hf CKPT --out DIR
+    hvdllm generate --checkpoint DIR --prompt TEXT [--max-new-tokens N] ...
     hvdllm plot RUN_DIR [RUN_DIR ...] --out FILE.png [--title T]
     hvdllm tokenizer train CORPUS... --vocab-size N --out DIR
     hvdllm prepare CORPUS... --tokenizer T --out DIR [--workers N]
@@ -34,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
                "  mpirun -np 4 hvdllm train --config configs/example.toml --set parallel.dp=4\n"
                "  hvdllm convert --from-hf ./gpt2 --out ckpt/gpt2\n"
                "  hvdllm convert --to-hf ckpt/gpt2 --out ./gpt2-hf\n"
+               "  hvdllm generate --checkpoint runs/demo --prompt 'Once upon a time'\n"
                "  hvdllm plot runs/demo runs/other --out curves.png\n"
                "  hvdllm tokenizer train corpus/ --vocab-size 4096 --out tok/\n"
                "  hvdllm prepare corpus/ --tokenizer tok/ --out prepared/")
@@ -55,6 +57,29 @@ def _parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", required=True, metavar="PATH",
                          help="directory to write (an hvdllm checkpoint, or a Hugging Face "
                               "directory with --to-hf)")
+    generate = sub.add_parser(
+        "generate", help="continue a prompt from a checkpoint (one process, no MPI)",
+        description="Load a training checkpoint (output.dir, its checkpoints/ or one "
+                    "checkpoints/step-N, any dp x tp x pp layout, either framework) or an "
+                    "hvdllm model checkpoint (e.g. from convert --from-hf) and print the "
+                    "prompt followed by its continuation.  Decoding uses a key/value cache; "
+                    "past model.seq_len tokens the context slides (the last seq_len tokens).")
+    generate.add_argument("--checkpoint", required=True, metavar="DIR",
+                          help="training or model checkpoint directory")
+    generate.add_argument("--prompt", required=True, metavar="TEXT", help="text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                          help="tokens to generate (default 64)")
+    generate.add_argument("--temperature", type=float, default=0.8, metavar="T",
+                          help="sampling temperature; 0 = greedy (default 0.8)")
+    generate.add_argument("--top-k", type=int, default=40, metavar="K",
+                          help="sample among the K most likely tokens; 0 = all (default 40)")
+    generate.add_argument("--seed", type=int, default=0, metavar="S",
+                          help="sampler seed (default 0)")
+    generate.add_argument("--framework", choices=("torch", "tensorflow"),
+                          help="framework to run in (default: the checkpoint's, else torch)")
+    generate.add_argument("--tokenizer", metavar="T",
+                          help="\"bytes\" or a tokenizer.json (or its directory); default: "
+                               "the checkpoint run's data.tokenizer, else bytes")
     plot = sub.add_parser(
         "plot", help="draw the training curves of one or more runs into an image",
         description="Read each run directory's metrics.jsonl (and config.toml for the tokens "
@@ -138,6 +163,17 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "info":
         return _info()
+    if args.command == "generate":
+        try:
+            from .generate import generate_text
+
+            text = generate_text(args.checkpoint, args.prompt, args.max_new_tokens,
+                                 args.temperature, args.top_k, args.seed, args.framework,
+                                 args.tokenizer)
+        except HvdllmError as exc:
+            return _report(exc)
+        print(text, flush=True)
+        return 0
     if args.command == "plot":
         try:
             from .common.plot import plot_runs

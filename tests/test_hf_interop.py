@@ -42,27 +42,32 @@ def hf_config(family: str):
                        rope_parameters={"rope_type": "default", "rope_theta": 500.0}, **common)
 
 
-def random_hf_model(family: str, seed: int = 0):
+def random_hf_model(family: str, seed: int = 0, scale: float = 0.1):
     """A fp32 HF model whose every parameter is random (norm gains too, to catch swaps)."""
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(hf_config(family), dtype=torch.float32)
     with torch.no_grad():
         for name, p in model.named_parameters():
             gain = 1.0 if p.dim() == 1 and name.endswith("weight") else 0.0
-            p.copy_(gain + 0.1 * torch.randn_like(p))
+            p.copy_(gain + scale * torch.randn_like(p))
     return model.eval()
+
+
+def saved_hf_models(tmp_path_factory, seed: int = 0, scale: float = 0.1) -> dict:
+    """family -> (HF directory, HF model): a random model of each family, saved."""
+    out = {}
+    for family in FAMILIES:
+        model = random_hf_model(family, seed, scale)
+        path = tmp_path_factory.mktemp(f"hf-{family}")
+        model.save_pretrained(path)
+        out[family] = path, model
+    return out
 
 
 @pytest.fixture(scope="module")
 def hf_dirs(tmp_path_factory):
     """family -> (HF directory, HF model), saved once per module."""
-    out = {}
-    for family in FAMILIES:
-        model = random_hf_model(family)
-        path = tmp_path_factory.mktemp(f"hf-{family}")
-        model.save_pretrained(path)
-        out[family] = path, model
-    return out
+    return saved_hf_models(tmp_path_factory)
 
 
 @pytest.fixture(params=FAMILIES)

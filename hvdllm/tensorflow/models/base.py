@@ -15,6 +15,26 @@ def dense(units: int, std: float, name: str, use_bias: bool = False) -> keras.la
                               kernel_initializer=keras.initializers.RandomNormal(stddev=std))
 
 
+def cache_length(cache: list | None) -> int:
+    """Positions held by a key/value cache (one (keys, values) pair per block; 0 for None)."""
+    return int(cache[0][0].shape[2]) if cache else 0
+
+
+def cached_attention(q: Any, k: Any, v: Any, head_dim: int) -> Any:
+    """Softmax attention of the last ``t`` positions ``q`` over every position of ``k``/``v``.
+
+    Args:
+        q: (b, heads, t, head_dim), the new positions.
+        k, v: (b, heads, total, head_dim), every position so far (the new
+            ones last); new query i sees keys up to position total - t + i.
+    """
+    t, total = int(q.shape[2]), int(k.shape[2])
+    scores = ops.matmul(q, ops.transpose(k, (0, 1, 3, 2))) / float(np.sqrt(head_dim))
+    mask = np.tril(np.ones((t, total), dtype=bool), k=total - t)
+    scores = ops.where(mask, scores, float("-inf"))
+    return ops.matmul(ops.softmax(scores, axis=-1), v)  # (b, heads, t, head_dim)
+
+
 class LMCrossEntropy:
     """Mean next-token cross-entropy over every position of the batch.
 
@@ -117,6 +137,29 @@ class CausalLM(keras.Model):
             probs = np.exp(logits - logits.max())
             idx.append(int(rng.choice(logits.size, p=probs / probs.sum())))
         return np.asarray(idx, np.int64)
+
+    def call_cached(self, idx: Any, cache: list | None) -> tuple[Any, list]:
+        """Logits (b, t, vocab) of new tokens ``idx`` (b, t) that follow ``cache`` (inference).
+
+        ``cache`` holds one (keys, values) pair per block, each (b, kv_heads,
+        positions, head_dim), as a previous call returned it (None: no tokens
+        yet); the new tokens take the positions after it.  Returns the logits
+        and the extended cache.
+        """
+        start = cache_length(cache)
+        t = int(idx.shape[1])
+        if start + t > self.seq_len:
+            raise ValueError(f"positions up to {start + t} exceed seq_len {self.seq_len}")
+        x = self.embed_at(idx, start)
+        present = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block.call_cached(x, start, cache[i] if cache else None)
+            present.append(kv)
+        return self.head(x), present
+
+    def embed_at(self, idx: Any, start: int) -> Any:
+        """Token ids (b, t) at positions ``start ..`` -> residual stream (inference)."""
+        raise NotImplementedError
 
     def check_length(self, idx: Any) -> None:
         t = idx.shape[1]

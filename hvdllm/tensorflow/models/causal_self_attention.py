@@ -7,6 +7,8 @@ from typing import Any
 import keras
 from keras import ops
 
+from .base import cached_attention
+
 
 @keras.saving.register_keras_serializable(package="hvdllm")
 class CausalSelfAttention(keras.layers.Layer):
@@ -61,6 +63,20 @@ class CausalSelfAttention(keras.layers.Layer):
         y = ops.matmul(probs, v)  # (b, heads, t, head_dim)
         y = ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, -1))
         return self.proj(y)
+
+    def call_cached(self, x: Any, past: tuple | None) -> tuple[Any, tuple]:
+        """Attention of new positions ``x`` (b, t, d) over ``past`` keys/values and themselves.
+
+        Returns the output and the keys/values of every position so far,
+        each (b, heads, past + t, head_dim).
+        """
+        b, t = int(x.shape[0]), int(x.shape[1])
+        qkv = ops.reshape(self.qkv(x), (b, t, 3, -1, self.head_dim))
+        q, k, v = ops.unstack(ops.transpose(qkv, (2, 0, 3, 1, 4)), 3)
+        if past is not None:
+            k, v = ops.concatenate([past[0], k], axis=2), ops.concatenate([past[1], v], axis=2)
+        y = cached_attention(q, k, v, self.head_dim)
+        return self.proj(ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, -1))), (k, v)
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape

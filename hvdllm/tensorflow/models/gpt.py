@@ -89,6 +89,10 @@ class GPT(CausalLM):
         tok = self.token_embedding(idx)  # (b, t, d_model)
         return self.embedding_dropout(tok + self.position_embedding(tok), training=training)
 
+    def embed_at(self, idx: Any, start: int) -> Any:
+        tok = self.token_embedding(idx)
+        return tok + self.position_embedding.embeddings[start:start + int(idx.shape[1])]
+
     def head(self, x: Any) -> Any:
         # Tied head: score every token by its embedding.
         return ops.matmul(self.ln_f(x), ops.transpose(self.token_embedding.embeddings))

@@ -77,6 +77,9 @@ class Llama(CausalLM):
     def embed(self, idx: Any, training: bool = False) -> Any:
         return self.embedding_dropout(self.tok_emb(idx), training=training)
 
+    def embed_at(self, idx: Any, start: int) -> Any:
+        return self.tok_emb(idx)  # positions enter through the rotary tables
+
     def head(self, x: Any) -> Any:
         return self.lm_head(self.norm(x))
 

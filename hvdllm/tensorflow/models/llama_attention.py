@@ -7,7 +7,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from .base import dense
+from .base import cached_attention, dense
 from .rotary import apply_rope, rope_tables
 
 
@@ -74,6 +74,25 @@ class LlamaAttention(keras.layers.Layer):
         probs = self.attn_dropout(ops.softmax(scores, axis=-1), training=training)
         y = ops.matmul(probs, v)  # (b, heads, t, head_dim)
         return self.wo(ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, -1)))
+
+    def call_cached(self, x: Any, start: int, past: tuple | None) -> tuple[Any, tuple]:
+        """Attention of new positions ``x`` (b, t, d), at ``start ..``, over ``past`` and themselves.
+
+        The cache holds the rotated keys and the values of the ``n_kv_head``
+        heads, each (b, kv_heads, past + t, head_dim), before the group repeat.
+        """
+        b, t = int(x.shape[0]), int(x.shape[1])
+        q, k, v = (self._heads(layer(x), b, t) for layer in (self.wq, self.wk, self.wv))
+        cos, sin = self._cos[start:start + t], self._sin[start:start + t]
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = ops.concatenate([past[0], k], axis=2), ops.concatenate([past[1], v], axis=2)
+        present = (k, v)
+        group = int(q.shape[1]) // int(k.shape[1])
+        if group > 1:
+            k, v = ops.repeat(k, group, axis=1), ops.repeat(v, group, axis=1)
+        y = cached_attention(q, k, v, self.head_dim)
+        return self.wo(ops.reshape(ops.transpose(y, (0, 2, 1, 3)), (b, t, -1))), present
 
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape

@@ -49,6 +49,12 @@ class LlamaBlock(keras.layers.Layer):
         x = x + self.drop(self.attn(self.attn_norm(x), training=training), training=training)
         return x + self.drop(self.mlp(self.mlp_norm(x)), training=training)
 
+    def call_cached(self, x: Any, start: int, past: tuple | None) -> tuple[Any, tuple]:
+        """``call`` for new positions at ``start ..`` after ``past`` (inference: no dropout)."""
+        a, present = self.attn.call_cached(self.attn_norm(x), start, past)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), present
+
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape
 

@@ -57,6 +57,12 @@ class TransformerBlock(keras.layers.Layer):
         x = x + self.drop(self.attn(self.ln_1(x), training=training), training=training)
         return x + self.drop(self.mlp(self.ln_2(x)), training=training)
 
+    def call_cached(self, x: Any, start: int, past: tuple | None) -> tuple[Any, tuple]:
+        """``call`` for new positions after ``past`` (inference: no dropout)."""
+        a, present = self.attn.call_cached(self.ln_1(x), past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
+
     def compute_output_shape(self, input_shape: tuple) -> tuple:
         return input_shape
 

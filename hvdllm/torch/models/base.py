@@ -17,6 +17,20 @@ from torch.utils.checkpoint import checkpoint
 from ...common.family import ModelSpec, family_spec
 
 
+#: One block's key/value cache: keys and values, each (b, kv_heads, positions, head_dim).
+KV = tuple[torch.Tensor, torch.Tensor]
+
+
+def cache_length(cache: list[KV] | None) -> int:
+    """Positions held by a key/value cache (0 for None)."""
+    return int(cache[0][0].shape[2]) if cache else 0
+
+
+def offset_causal_mask(t: int, total: int, device: torch.device) -> torch.Tensor:
+    """(t, total) boolean mask: new query i (position total - t + i) sees keys 0..that position."""
+    return torch.ones(t, total, dtype=torch.bool, device=device).tril(diagonal=total - t)
+
+
 class LMCrossEntropy(nn.Module):
     """Mean next-token cross-entropy over every position of the batch.
 

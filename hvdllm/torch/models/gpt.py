@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ...common.config import ModelConfig
 from ...common.family import default_d_ff
-from .base import CausalLM, LMCrossEntropy
+from .base import KV, CausalLM, LMCrossEntropy, cache_length, offset_causal_mask
 
 
 @dataclass
@@ -75,6 +75,21 @@ class CausalSelfAttention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(y.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_cached(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """Attention of the new positions ``x`` (b, t, d) over ``past`` keys/values and themselves.
+
+        Returns the output and the keys/values of every position so far,
+        each (b, heads, past + t, head_dim).
+        """
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(t, k.size(2),
+                                                                                 x.device))
+        return self.proj(y.transpose(1, 2).reshape(b, t, -1)), (k, v)
+
 
 class MLP(nn.Module):
     def __init__(self, cfg: GPTConfig):
@@ -98,6 +113,12 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.ln_1(x)))
         return x + self.drop(self.mlp(self.ln_2(x)))
+
+    def forward_cached(self, x: torch.Tensor, past: KV | None) -> tuple[torch.Tensor, KV]:
+        """``forward`` for new positions after ``past`` (inference: no dropout)."""
+        a, present = self.attn.forward_cached(self.ln_1(x), past)
+        x = x + a
+        return x + self.mlp(self.ln_2(x)), present
 
 
 class GPT(CausalLM):
@@ -144,3 +165,23 @@ class GPT(CausalLM):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (b, t) -> logits (b, t, vocab)."""
         return self.head(self.run_blocks(self.embed(idx)))
+
+    def forward_cached(self, idx: torch.Tensor,
+                       cache: list[KV] | None) -> tuple[torch.Tensor, list[KV]]:
+        """Logits (b, t, vocab) of new tokens ``idx`` (b, t) that follow ``cache``.
+
+        ``cache`` holds one (keys, values) pair per block, as a previous call
+        returned it (None: no tokens yet); the new tokens take the positions
+        after it.  Returns the logits and the extended cache.
+        """
+        start = cache_length(cache)
+        t = idx.shape[1]
+        if start + t > self.cfg.seq_len:
+            raise ValueError(f"positions up to {start + t} exceed seq_len {self.cfg.seq_len}")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.wte(idx) + self.wpe(pos)
+        present = []
+        for i, key in enumerate(self.blocks):
+            x, kv = self.blocks[key].forward_cached(x, cache[i] if cache else None)
+            present.append(kv)
+        return self.head(x), present

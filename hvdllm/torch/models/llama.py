@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ...common.config import ModelConfig
 from ...common.family import default_d_ff
-from .base import CausalLM, LMCrossEntropy
+from .base import KV, CausalLM, LMCrossEntropy, cache_length, offset_causal_mask
 
 
 @dataclass
@@ -112,6 +112,28 @@ class Attention(nn.Module):
             q, k, v, is_causal=True, dropout_p=self.dropout if self.training else 0.0)
         return self.wo(y.transpose(1, 2).reshape(b, t, -1))
 
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       past: KV | None) -> tuple[torch.Tensor, KV]:
+        """Attention of new positions ``x`` (b, t, d) over ``past`` and themselves.
+
+        ``cos``/``sin`` are the rotary rows of the new positions.  The cache
+        holds the rotated keys and the values of the ``n_kv_head`` heads,
+        each (b, kv_heads, past + t, head_dim), before the group repeat.
+        """
+        b, t, _ = x.shape
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        q, k, v = (z.view(b, t, -1, self.head_dim).transpose(1, 2) for z in (q, k, v))
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        group = q.size(1) // k.size(1)
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=offset_causal_mask(t, k.size(2),
+                                                                                 x.device))
+        return self.wo(y.transpose(1, 2).reshape(b, t, -1)), present
+
 
 class SwiGLU(nn.Module):
     def __init__(self, cfg: LlamaConfig):
@@ -136,6 +158,13 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), cos, sin))
         return x + self.drop(self.mlp(self.mlp_norm(x)))
+
+    def forward_cached(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                       past: KV | None) -> tuple[torch.Tensor, KV]:
+        """``forward`` for new positions after ``past`` (inference: no dropout)."""
+        a, present = self.attn.forward_cached(self.attn_norm(x), cos, sin, past)
+        x = x + a
+        return x + self.mlp(self.mlp_norm(x)), present
 
 
 class Llama(CausalLM):
@@ -177,3 +206,22 @@ class Llama(CausalLM):
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (b, t) -> logits (b, t, vocab)."""
         return self.head(self.run_blocks(self.embed(idx)))
+
+    def forward_cached(self, idx: torch.Tensor,
+                       cache: list[KV] | None) -> tuple[torch.Tensor, list[KV]]:
+        """Logits (b, t, vocab) of new tokens ``idx`` (b, t) that follow ``cache``.
+
+        As :meth:`GPT.forward_cached`; the new tokens are rotated by their
+        absolute positions, ``len(cache) ..``.
+        """
+        start = cache_length(cache)
+        t = idx.shape[1]
+        if start + t > self.cfg.seq_len:
+            raise ValueError(f"positions up to {start + t} exceed seq_len {self.cfg.seq_len}")
+        cos, sin = self.rope_cos[start:start + t], self.rope_sin[start:start + t]
+        x = self.tok_emb(idx)
+        present = []
+        for i, key in enumerate(self.blocks):
+            x, kv = self.blocks[key].forward_cached(x, cos, sin, cache[i] if cache else None)
+            present.append(kv)
+        return self.head(x), present
