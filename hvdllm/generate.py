@@ -20,6 +20,7 @@ frameworks.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -177,6 +178,7 @@ def tensorflow_step(model_cfg: ModelConfig, tensors: dict[str, np.ndarray],
     from keras import ops
 
     from .common.family import family_spec
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's start-up chatter
     from .tensorflow.models import MODEL_CLASSES
     from .tensorflow.state import assign_logical
 
