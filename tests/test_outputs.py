@@ -110,7 +110,7 @@ def test_disabled_writer_writes_nothing(tmp_path):
 
 def test_missing_tensorboard_is_a_one_line_error(tmp_path, monkeypatch):
     # the import now raises ImportError
-    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.event_file_writer", None)
+    monkeypatch.setitem(sys.modules, "tensorboard.summary.writer.record_writer", None)
     with pytest.raises(EnvironmentSetupError) as info:
         MetricsWriter(tmp_path, enabled=True)
     message = str(info.value)

@@ -37,45 +37,58 @@ LAUNCHER_ENV = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "HOROVOD_RANK")
 
 
 class _ScalarEvents:
-    """Scalars in a TensorBoard event file, through TensorBoard's own writer.
+    """Scalars in a TensorBoard event file: TensorBoard's record format and protos.
 
-    TensorBoard's ``EventFileWriter`` writes from a background thread, and
-    its ``flush`` returns only once everything queued before it is on disk,
-    so each log is readable at once (a crash loses nothing already logged).
-    Resuming, the file starts with a session start at ``purge_step``:
-    TensorBoard then hides the older files' events from that step on.
+    Written synchronously with TensorBoard's ``RecordWriter`` on a plain file:
+    each log is on disk (in the OS) when ``flush`` returns, so a crash loses
+    nothing already logged.  (TensorBoard's ``EventFileWriter`` would import
+    all of TensorFlow for its file system layer, seconds per run; tensorboardX's
+    ``flush`` does not wait for its queue.)  Files are named by the nanosecond
+    they were opened, so TensorBoard, which reads a directory's files in name
+    order, reads a resumed run's after the interrupted one's.  Resuming, the
+    file starts with a session start at ``purge_step``: TensorBoard then hides
+    the older files' events from that step on.
     """
 
-    def __init__(self, logdir: str, purge_step: int | None, filename_suffix: str):
+    def __init__(self, logdir: str, purge_step: int | None):
+        import socket
+
         from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
 
         self._event_pb2, self._summary_pb2 = event_pb2, summary_pb2
-        self._writer = EventFileWriter(logdir, max_queue_size=100, flush_secs=10,
-                                       filename_suffix=filename_suffix)
+        Path(logdir).mkdir(parents=True, exist_ok=True)
+        name = f"events.out.tfevents.{time.time_ns():020d}.{socket.gethostname()}"
+        self.path = Path(logdir) / name
+        self._records = RecordWriter(open(self.path, "wb"))
+        self._add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
         if purge_step is not None:
             start = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
-            self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=purge_step,
-                                                   session_log=start))
+            self._add(event_pb2.Event(wall_time=time.time(), step=purge_step, session_log=start))
+        self.flush()
+
+    def _add(self, event) -> None:
+        self._records.write(event.SerializeToString())
 
     def add_scalar(self, tag: str, value: float, global_step: int) -> None:
         summary = self._summary_pb2.Summary(
             value=[self._summary_pb2.Summary.Value(tag=tag, simple_value=value)])
-        self._writer.add_event(self._event_pb2.Event(wall_time=time.time(), step=global_step,
-                                                     summary=summary))
+        self._add(self._event_pb2.Event(wall_time=time.time(), step=global_step,
+                                        summary=summary))
 
     def flush(self) -> None:
-        self._writer.flush()
+        self._records.flush()
 
     def close(self) -> None:
-        self._writer.close()
+        if not self._records.closed:
+            self._records.close()
 
 
 def _summary_writer_class():
     """The TensorBoard event writer, or a one-line error when TensorBoard is missing."""
     try:
         for module in ("tensorboard.compat.proto.event_pb2",
-                       "tensorboard.summary.writer.event_file_writer"):
+                       "tensorboard.summary.writer.record_writer"):
             importlib.import_module(module)
     except ImportError as exc:
         raise EnvironmentSetupError(
@@ -149,8 +162,7 @@ class MetricsWriter:
             for old in tb_dir.glob("events.out.tfevents.*"):
                 if old.is_file():
                     old.unlink()
-        self._tb = self._tb_class(str(tb_dir), None if keep_until is None else keep_until + 1,
-                                  filename_suffix=f".{time.time_ns():020d}")
+        self._tb = self._tb_class(str(tb_dir), None if keep_until is None else keep_until + 1)
 
     def write_config(self, toml_text: str) -> None:
         if self.enabled:
