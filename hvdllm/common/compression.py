@@ -50,6 +50,8 @@ DEFAULT_TOPK_RATIO = 0.01
 DEFAULT_POWERSGD_RANK = 4
 FP32_BYTES = 4
 HALF_BYTES = 2
+#: Values of ``train.reduce_op``.
+REDUCE_OPS = ("average", "adasum")
 
 
 def check_compression(name: str, topk_ratio: float = DEFAULT_TOPK_RATIO,
@@ -158,3 +160,25 @@ def wire_bytes(mode: str, shape: Sequence[int], world: int, *,
     r = powersgd_effective_rank(shape, powersgd_rank)
     return (allreduce_bytes(rows * r, FP32_BYTES, world)
             + allreduce_bytes(cols * r, FP32_BYTES, world))
+
+
+def check_reduce_op(name: str, compression: str = "none", zero: int = 0, dp: int = 1) -> None:
+    """Raise :class:`ConfigError` unless ``train.reduce_op = name`` works with the other settings.
+
+    Adasum is Horovod's own reduction of dense gradients: it combines with
+    neither a compressor nor ZeRO-1's reduce-scatter, and its recursive
+    halving needs a power-of-two group.
+    """
+    if name not in REDUCE_OPS:
+        raise ConfigError(f"train.reduce_op must be one of {', '.join(REDUCE_OPS)}, got {name!r}")
+    if name == "average":
+        return
+    if compression != "none":
+        raise ConfigError(f"train.reduce_op = \"adasum\" reduces dense fp32 gradients and cannot "
+                          f"be combined with train.compression = {compression!r}")
+    if zero:
+        raise ConfigError("train.reduce_op = \"adasum\" cannot be combined with train.zero = 1 "
+                          "(ZeRO-1 reduce-scatters the gradients)")
+    if dp < 1 or dp & (dp - 1):
+        raise ConfigError(f"train.reduce_op = \"adasum\" needs parallel.dp to be a power of two, "
+                          f"got {dp}")

@@ -180,6 +180,10 @@ class TrainConfig:
             and "powersgd" (averages uncompressed for this many steps);
             0 = none.
         powersgd_rank: rank of the PowerSGD approximation, >= 1.
+        reduce_op: how the data-parallel group combines gradients with
+            ``compression = "none"``: "average" (the mean), or "adasum"
+            (Horovod's Adasum, which adds orthogonal parts and averages
+            parallel ones; dp must be a power of two).
         zero: 1 shards AdamW state and fp32 master weights over the DP
             group (ZeRO stage 1); 0 keeps them replicated.  torch.
         precision: "fp32", "bf16" (autocast, fp32 master weights) or "fp16"
@@ -216,6 +220,7 @@ class TrainConfig:
     topk_ratio: float = 0.01
     compression_warmup_steps: int = 0
     powersgd_rank: int = 4
+    reduce_op: str = "average"
     zero: int = 0
     precision: str = "fp32"
     grad_clip: float = 0.0
@@ -537,7 +542,7 @@ def _validate_schedule_and_eval(cfg: Config) -> None:
 
 def _validate_data_parallel_depth(cfg: Config) -> None:
     """Optimizer, compression, ZeRO, precision and clipping settings."""
-    from .compression import check_compression
+    from .compression import check_compression, check_reduce_op
     from .loss_scale import check_precision
     from .zero import check_zero
 
@@ -550,6 +555,7 @@ def _validate_data_parallel_depth(cfg: Config) -> None:
         raise ConfigError(f"train.compression_warmup_steps must be >= 0, got {t.compression_warmup_steps}")
     check_precision(t.precision)
     check_zero(t.zero, t.compression, t.optimizer)
+    check_reduce_op(t.reduce_op, t.compression, t.zero, cfg.parallel.dp)
     if not t.grad_clip >= 0:
         raise ConfigError(f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
 
