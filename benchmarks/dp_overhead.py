@@ -84,6 +84,13 @@ QUICK = dict(FULL, n_layer=2, d_model=64, n_head=4, seq_len=64, micro_batch=4,
              replicas_world1=1, replicas_world2=1, setup_steps=1, trials=4, warmup=1,
              sync_reps=3)
 
+#: ``--scaling``: the gradient sync alone, against raw MPI, at 4 ranks (on a
+#: machine with fewer cores, oversubscribed) and for a model of about 50M
+#: parameters (201 MB of float32 gradients) at 2 ranks.
+SCALING_WORLD = 4
+LARGE = dict(FULL, n_layer=16, d_model=512, n_head=8, seq_len=64, micro_batch=1,
+             setup_steps=1)
+
 #: Environment of the "1 ms cycle" what-if rows of --diagnose: Horovod's own default
 #: cycle time, where hvdllm sets 5 ms.
 WHAT_IF_ENV = {"HOROVOD_CYCLE_TIME": "1"}
@@ -298,16 +305,31 @@ def worker_env(addr: str) -> dict[str, str]:
     return env
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def side_settings(preset: dict[str, Any], world: int) -> dict[str, Any]:
     out = {k: v for k, v in preset.items() if not k.startswith("accum_")}
     out["accum"] = preset[f"accum_world{world}"]
     return out
+
+
+def plan_scaling(framework: str, preset: dict[str, Any],
+                 log_dir: Path) -> tuple[list[Job], list[Comparison]]:
+    """``--scaling``: hvdllm's sync against raw MPI at 4 ranks, and for a 50M model at 2."""
+    fw = framework
+    s4 = dict(side_settings(preset, 2), world=SCALING_WORLD)
+    large = dict(side_settings(dict(LARGE, trials=preset["trials"]), 2), world=2)
+    engine4 = Job(f"{fw}.engine{SCALING_WORLD}", f"{fw}.engine2", SCALING_WORLD, s4, log_dir)
+    allreduce4 = Job(f"mpi_allreduce{SCALING_WORLD}", "mpi_allreduce", SCALING_WORLD, s4,
+                     log_dir)
+    engine_large = Job(f"{fw}.engine2.large", f"{fw}.engine2", 2, large, log_dir)
+    allreduce2 = Job("mpi_allreduce", "mpi_allreduce", 2, large, log_dir)
+    reps = preset["sync_reps"]
+    comps = [
+        Comparison(fw, f"dp={SCALING_WORLD} gradient sync", [engine4], "sync", [allreduce4],
+                   "allreduce", "raw mpi4py Allreduce", 1.2, reps=reps),
+        Comparison(fw, "dp=2 sync, 50M model", [engine_large], "sync", [allreduce2],
+                   "allreduce", "raw mpi4py Allreduce", 1.2, reps=reps),
+    ]
+    return [engine4, allreduce4, engine_large, allreduce2], comps
 
 
 def plan(framework: str, preset: dict[str, Any], log_dir: Path,
@@ -331,8 +353,7 @@ def plan(framework: str, preset: dict[str, Any], log_dir: Path,
                    "raw mpi4py Allreduce", 1.2, reps=sync_reps),
     ]
     if fw == "torch":
-        ddp = Job("torch.ddp2", "torch.ddp2", 2, s2, log_dir,
-                  extra_env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+        ddp = Job("torch.ddp2", "torch.ddp2", 2, s2, log_dir)
         jobs.append(ddp)
         comps.append(Comparison(fw, "dp=2 step", engine2, "step", [ddp], "step",
                                 "DistributedDataParallel (gloo), no_sync", 1.0))
@@ -386,8 +407,9 @@ def connect_all(server: socket.socket, jobs: list[Job]) -> None:
 
 
 def run_framework(framework: str, preset: dict[str, Any], log_dir: Path, progress: bool,
-                  diagnose: bool = False) -> list[Comparison]:
-    jobs, comps = plan(framework, preset, log_dir, diagnose)
+                  diagnose: bool = False, scaling: bool = False) -> list[Comparison]:
+    jobs, comps = (plan_scaling(framework, preset, log_dir) if scaling
+                   else plan(framework, preset, log_dir, diagnose))
     server = socket.create_server(("127.0.0.1", 0))
     addr = f"127.0.0.1:{server.getsockname()[1]}"
     try:
@@ -401,12 +423,12 @@ def run_framework(framework: str, preset: dict[str, Any], log_dir: Path, progres
                   file=sys.stderr, flush=True)
         num_params = next(j.info["num_params"] for j in jobs if "num_params" in j.info)
         for comp in comps:
-            comp.num_params = num_params
+            comp.num_params = comp.hvdllm_jobs[0].info.get("num_params", num_params)
             comp.threads = {"hvdllm": comp.hvdllm_jobs[0].info.get("threads"),
                             "peer": comp.peer_jobs[0].info.get("threads")}
             comp.hvdllm_env = comp.hvdllm_jobs[0].info.get("env", {})
             if comp.peer_op == "allreduce":
-                comp.args = {"count": num_params}
+                comp.args = {"count": comp.num_params}
         turns = preset["warmup"] + preset["trials"]
         for turn in range(turns):
             for index, comp in enumerate(comps):
@@ -465,6 +487,11 @@ def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: 
     print(f"model: GPT n_layer={p['n_layer']} d_model={p['d_model']} n_head={p['n_head']} "
           f"seq_len={p['seq_len']} vocab={p['vocab_size']} ("
           + ", ".join(f"{fw} {n:,} parameters" for fw, n in num_params.items()) + ")")
+    if any("50M" in r["measurement"] for r in rows):
+        print(f"the 50M row's model: GPT n_layer={LARGE['n_layer']} d_model={LARGE['d_model']} "
+              f"n_head={LARGE['n_head']} seq_len={LARGE['seq_len']}, micro-batch "
+              f"{LARGE['micro_batch']}; the dp={SCALING_WORLD} row runs {SCALING_WORLD} ranks "
+              f"on {os.cpu_count()} cores")
     print(f"batch: micro-batch {p['micro_batch']} sequences; {p['accum_world1']} micro-batch(es) "
           f"per step at world 1, {p['accum_world2']} per rank per step at dp=2")
     knobs = {k: v for k, v in os.environ.items() if k.startswith(("HOROVOD_", "OMPI_MCA_"))}
@@ -520,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="tiny model and few trials: a smoke test in well under a minute")
     ap.add_argument("--diagnose", action="store_true",
                     help="add what-if rows (no target) that size the fixes of the misses")
+    ap.add_argument("--scaling", action="store_true",
+                    help=f"instead of the usual rows: the gradient sync against raw MPI at "
+                         f"dp={SCALING_WORLD} and for a ~50M-parameter model at dp=2")
     ap.add_argument("--json", metavar="FILE", help="also write every result (all trials) here")
     ap.add_argument("--keep-logs", action="store_true", help="keep the sides' logs and say where")
     args = ap.parse_args(argv)
@@ -540,9 +570,10 @@ def main(argv: list[str] | None = None) -> int:
     rows, num_params, engine_env = [], {}, {}
     try:
         for fw in frameworks:
-            comps = run_framework(fw, preset, log_dir, progress=True, diagnose=args.diagnose)
+            comps = run_framework(fw, preset, log_dir, progress=True, diagnose=args.diagnose,
+                                  scaling=args.scaling)
             num_params[fw] = comps[0].num_params
-            engine_env[fw] = comps[1].hvdllm_env  # the dp=2 engine
+            engine_env[fw] = comps[-1 if args.scaling else 1].hvdllm_env  # a dp > 1 engine
             rows.extend(summarize(c) for c in comps)
     except BenchError as exc:
         print(f"dp_overhead: error: {exc}", file=sys.stderr)

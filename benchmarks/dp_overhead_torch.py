@@ -51,10 +51,11 @@ class _EngineSide:
         from hvdllm.torch.engine import build_engine
 
         comm = hvdllm_world()  # first use of MPI in this process, as in `hvdllm train`
+        world = settings.get("world", self.world)  # --scaling runs this side at 4 ranks
         n_threads = threads(comm)
         os.environ.setdefault("OMP_NUM_THREADS", str(n_threads))
-        cfg = hvdllm_config(settings, self.world, "torch")
-        self.groups = init_groups(Topology(self.world), comm, 300.0)
+        cfg = hvdllm_config(settings, world, "torch")
+        self.groups = init_groups(Topology(world), comm, 300.0)
         self.engine = build_engine(cfg, self.groups, threads=n_threads)
         self.lr = settings["lr"]
         self.batches = micro_batches(settings, comm.Get_rank())
@@ -147,8 +148,11 @@ class Plain1Side:
 class Ddp2Side:
     """``torch.nn.parallel.DistributedDataParallel`` on gloo, used the documented way.
 
-    Rank and world size come from Open MPI's environment; the orchestrator
-    sets ``MASTER_ADDR`` and ``MASTER_PORT``.  Gradient accumulation uses
+    Rank and world size come from Open MPI's environment.  The rendezvous
+    store is opened by rank 0 on a port the kernel picks and holds from then
+    on (``TCPStore`` with port 0); rank 1 learns the port over MPI.  Nothing
+    picks a port that could be taken before it is bound, which once made
+    this side fail with ``EADDRINUSE``.  Gradient accumulation uses
     ``no_sync()`` for every micro-batch but the last, so DDP communicates
     once per optimizer step, like hvdllm.
     """
@@ -161,8 +165,16 @@ class Ddp2Side:
 
         rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
         size = int(os.environ["OMPI_COMM_WORLD_SIZE"])
+        from mpi4py import MPI
+
         torch.set_num_threads(threads())
-        dist.init_process_group("gloo", rank=rank, world_size=size)
+        host = "127.0.0.1"
+        store = (dist.TCPStore(host, 0, size, is_master=True, wait_for_workers=False)
+                 if rank == 0 else None)
+        port = MPI.COMM_WORLD.bcast(store.port if store is not None else None, root=0)
+        if store is None:
+            store = dist.TCPStore(host, port, size, is_master=False)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=size)
         self.dist = dist
         model, _ = _plain_model_and_optimizer(settings)
         self.ddp = DistributedDataParallel(model)

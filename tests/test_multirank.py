@@ -68,6 +68,13 @@ def test_torch_allreduce_overlaps_backward_and_skips_accumulation():
     assert res.stdout.count("torch dp checks passed") == 2
 
 
+@pytest.mark.parametrize("op", ["average", "adasum"])
+def test_torch_dp_gradients_are_the_reduction_of_local_gradients(op):
+    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_grads.py"), op],
+                 timeout=120)
+    assert res.stdout.count(f"torch dp grads {op} passed") == 2, res.stdout[-2000:]
+
+
 def test_tensorflow_single_allreduce_outside_accumulation_loop():
     res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "tf_dp_check.py")], timeout=180)
     assert res.stdout.count("tensorflow dp checks passed") == 2

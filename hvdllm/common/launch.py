@@ -93,9 +93,11 @@ def horovod_missing(framework: str, exc: BaseException) -> EnvironmentSetupError
 
 
 IDLE_CYCLE_TIME_MS = "50"
+DP_CYCLE_TIME_MS = "1"
 
 
-def configure_horovod_env(timeout_sec: float, data_parallel: bool = True) -> None:
+def configure_horovod_env(timeout_sec: float, data_parallel: bool = True,
+                          fusion_bytes: int | None = None) -> None:
     """Horovod settings hvdllm relies on; values the user exported win.
 
     * Deadlines: Horovod's coordinator notices when some ranks submitted a
@@ -105,15 +107,26 @@ def configure_horovod_env(timeout_sec: float, data_parallel: bool = True) -> Non
       hang at the deadline with a fuller report, so Horovod's shutdown is
       the fallback for waits the watchdog does not see; it only works while
       every rank's Horovod thread still runs (a frozen rank stops it).
-    * Cycle time 5 ms (Horovod's default is 1 ms): the background thread
-      wakes less often, which on a node whose cores all compute costs less
-      than the extra latency (measured in docs/benchmarks.md).  Without
-      data parallelism (``data_parallel=False``, dp = 1) Horovod carries no
-      gradients at all, and its thread wakes every 50 ms instead.
+    * Cycle time 1 ms (Horovod's default) with data parallelism: each
+      gradient bucket waits for the next cycle, so a longer cycle adds its
+      length to every sync, while Open MPI's yielding
+      (:data:`MPI_ENV_DEFAULTS`) already keeps the waking thread from
+      stealing the compute cores (measured in docs/benchmarks.md).
+      Without data parallelism (``data_parallel=False``, dp = 1) Horovod
+      carries no gradients at all, and its thread wakes every 50 ms.
+    * ``fusion_bytes``: Horovod's fusion threshold.  The trainer's torch
+      data parallelism packs gradients into buckets itself and passes its
+      bucket size, so that two full buckets are never fused: Horovod
+      reduces each bucket in place instead of copying it into its fusion
+      buffer and back.  Smaller tensors (compressors' factors, norms)
+      still fuse.  None keeps Horovod's 64 MB.
 
     Must run before ``hvd.init()``.
     """
-    os.environ.setdefault("HOROVOD_CYCLE_TIME", "5" if data_parallel else IDLE_CYCLE_TIME_MS)
+    os.environ.setdefault("HOROVOD_CYCLE_TIME", DP_CYCLE_TIME_MS if data_parallel
+                          else IDLE_CYCLE_TIME_MS)
+    if fusion_bytes is not None:
+        os.environ.setdefault("HOROVOD_FUSION_THRESHOLD", str(int(fusion_bytes)))
     deadline = max(1, int(timeout_sec))
     os.environ.setdefault("HOROVOD_STALL_CHECK_TIME_SECONDS", str(min(60, deadline)))
     os.environ.setdefault("HOROVOD_STALL_SHUTDOWN_TIME_SECONDS", str(2 * deadline))
@@ -148,7 +161,8 @@ def start_horovod(hvd: Any, comm: Any, process_sets: Any, timeout: float | None,
     return timeout_sec
 
 
-def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) -> Any:
+def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float,
+                        fusion_bytes: int | None = None) -> Any:
     """Initialise Horovod with one process set per multi-rank group; build the groups.
 
     Framework-free: ``hvd`` is the framework's Horovod module
@@ -161,13 +175,16 @@ def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float) 
         comm: mpi4py communicator of the whole job.
         timeout_sec: deadline of each blocking call, Horovod's stall
             shutdown included.
+        fusion_bytes: Horovod's fusion threshold with dp > 1 (see
+            :func:`configure_horovod_env`); None keeps Horovod's.
 
     Returns:
         This rank's :class:`~hvdllm.common.topology.ParallelGroups`.
     """
     from .topology import build_groups
 
-    configure_horovod_env(timeout_sec, data_parallel=topology.dp > 1)
+    configure_horovod_env(timeout_sec, data_parallel=topology.dp > 1,
+                          fusion_bytes=fusion_bytes if topology.dp > 1 else None)
     psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in topology.process_set_ranks()}
     world = tuple(range(comm.Get_size()))
     with watchdog.current().waiting("Horovod start-up (hvd.init)", "world", world):

@@ -1,15 +1,24 @@
-"""Data-parallel gradient averaging over Horovod, overlapped with backward.
+"""Data-parallel gradient reduction over Horovod, overlapped with backward.
 
 :class:`GradientSync` groups the parameters into buckets of a few MB, in
 reverse order of registration (roughly the order in which backward
-produces their gradients).  A hook on every parameter fires as soon as that
-parameter's gradient is fully accumulated during ``backward()``; on the
-last micro-batch of an optimizer step, when every gradient of a bucket is
-ready, the bucket is copied into one flat buffer and an asynchronous
-Horovod allreduce (average over the DP process set) starts on it.  Late
-layers' buckets therefore travel while autograd still computes early ones,
-and each bucket costs Horovod one negotiation instead of one per tensor.
+produces their gradients).  Each parameter's ``.grad`` *is* a view into
+its bucket's flat buffer (as ``DistributedDataParallel`` does with
+``gradient_as_bucket_view=True``): autograd accumulates every micro-batch
+straight into the bucket, and :meth:`GradientSync.zero_grad` zeroes the
+buckets instead of dropping the gradients.  A hook on every parameter
+fires as soon as that parameter's gradient is fully accumulated during
+``backward()``; on the last micro-batch of an optimizer step, when every
+gradient of a bucket is ready, an asynchronous Horovod allreduce starts
+on the bucket, in place.  Late layers' buckets therefore travel while
+autograd still computes early ones, each bucket costs Horovod one
+negotiation instead of one per tensor, and no byte is copied on the way.
 On the earlier micro-batches no communication happens at all.
+
+The default reduction is a ``Sum``: the engine folds the 1/dp of the
+average into the loss it back-propagates (:attr:`GradientSync.loss_factor`),
+which saves Horovod a scaling pass over every gradient.  ``op="adasum"``
+uses Horovod's Adasum instead, on gradients that are not pre-scaled.
 """
 from __future__ import annotations
 
@@ -20,6 +29,7 @@ import torch
 
 from ..common import watchdog
 from ..common.comm import Group
+from ..common.compression import REDUCE_OPS
 from ..common.watchdog import wait_horovod
 
 DEFAULT_BUCKET_BYTES = 4 * 2**20
@@ -32,9 +42,9 @@ class _Bucket:
         self.index = index
         self.params = params
         self.ready = 0
-        self.handle: Any = None
+        self.handle: list[Any] | None = None
         numel = sum(p.numel() for _, p in params)
-        self.flat = torch.empty(numel, dtype=params[0][1].dtype)
+        self.flat = torch.zeros(numel, dtype=params[0][1].dtype)
         self.views = []
         offset = 0
         for _, p in params:
@@ -43,28 +53,71 @@ class _Bucket:
 
 
 class GradientSync:
-    """Average gradients of ``named_parameters`` across ``group`` with Horovod.
+    """Reduce gradients of ``named_parameters`` across ``group`` with Horovod.
+
+    With a group of more than one rank, every parameter's ``.grad`` becomes
+    a view into a bucket buffer at construction (any gradient it held is
+    kept) and must stay one: clear gradients with :meth:`zero_grad`, never
+    ``set_to_none``.
 
     Args:
         named_parameters: (name, parameter) pairs, identical on every rank.
         group: the data-parallel group; its ``process_set`` is used.
         hvd: the ``horovod.torch`` module.
         bucket_bytes: target size of one allreduce.
+        op: "average" (Horovod ``Sum`` of gradients whose loss was
+            multiplied by :attr:`loss_factor` = 1/dp) or "adasum".
     """
 
     def __init__(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]],
-                 group: Group, hvd: Any, bucket_bytes: int = DEFAULT_BUCKET_BYTES):
+                 group: Group, hvd: Any, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 op: str = "average"):
+        if op not in REDUCE_OPS:
+            raise ValueError(f"reduce op must be one of {', '.join(REDUCE_OPS)}, got {op!r}")
         self.group = group
         self.hvd = hvd
+        self.op = op
         self.params = [(n, p) for n, p in named_parameters if p.requires_grad]
         self.buckets: list[_Bucket] = []
         self._bucket_of: dict[int, _Bucket] = {}
         self._enabled = False
         self._hooks = []
         if group.size > 1:
+            self._hvd_op = hvd.Adasum if op == "adasum" else hvd.Sum
             self._build_buckets(bucket_bytes)
+            with torch.no_grad():
+                for bucket in self.buckets:
+                    for (_, p), view in zip(bucket.params, bucket.views):
+                        if p.grad is not None:
+                            view.copy_(p.grad)
+                        p.grad = view
             for _, p in self.params:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    @property
+    def loss_factor(self) -> float:
+        """What the back-propagated loss is multiplied by: 1/dp for "average", else 1."""
+        return 1.0 / self.group.size if self.group.size > 1 and self.op == "average" else 1.0
+
+    def zero_grad(self) -> None:
+        """Zero every gradient in place (the gradients stay views into the buckets)."""
+        if not self.buckets:
+            for _, p in self.params:
+                p.grad = None
+            return
+        with torch.no_grad():
+            for bucket in self.buckets:
+                self._check_views(bucket)
+                bucket.flat.zero_()
+
+    @staticmethod
+    def _check_views(bucket: _Bucket) -> None:
+        for (name, p), view in zip(bucket.params, bucket.views):
+            if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                raise RuntimeError(
+                    f"the gradient of {name} is no longer a view into its data-parallel bucket "
+                    f"(was it set to None or replaced?); clear gradients with "
+                    f"GradientSync.zero_grad()")
 
     def _build_buckets(self, bucket_bytes: int) -> None:
         current: list[tuple[str, torch.nn.Parameter]] = []
@@ -92,15 +145,19 @@ class GradientSync:
     def _start(self, bucket: _Bucket) -> None:
         if bucket.handle is not None:
             raise RuntimeError(f"gradient bucket {bucket.index} reduced twice in one step")
-        with torch.no_grad():
-            for (_, p), view in zip(bucket.params, bucket.views):
-                if p.grad is None:
-                    view.zero_()
-                else:
-                    view.copy_(p.grad)
-        bucket.handle = self.hvd.allreduce_async_(
-            bucket.flat, op=self.hvd.Average, name=f"dp.grad.bucket{bucket.index}",
-            process_set=self.group.process_set)
+        self._check_views(bucket)
+        if self.op == "adasum":
+            # Adasum's projections are per parameter (layer-wise), so each
+            # gradient goes as its own tensor; Horovod fuses them and keeps
+            # their boundaries.
+            bucket.handle = [self.hvd.allreduce_async_(
+                view, op=self._hvd_op, name=f"dp.grad.{name}",
+                process_set=self.group.process_set)
+                for (name, _), view in zip(bucket.params, bucket.views)]
+        else:
+            bucket.handle = [self.hvd.allreduce_async_(
+                bucket.flat, op=self._hvd_op, name=f"dp.grad.bucket{bucket.index}",
+                process_set=self.group.process_set)]
 
     @contextmanager
     def sync(self) -> Iterator[None]:
@@ -115,22 +172,18 @@ class GradientSync:
         """Finish every allreduce of this step; call before ``optimizer.step()``.
 
         Buckets whose parameters got no gradient in backward (unused
-        parameters) are reduced here, with zeros standing in.
+        parameters) are reduced here; their zeroed views stand in.
         """
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._start(bucket)
         with torch.no_grad():
             for bucket in self.buckets:
-                wait_horovod(self.hvd, bucket.handle,
-                             f"dp gradient allreduce (bucket {bucket.index})", self.group,
-                             bucket.flat.numel() * bucket.flat.element_size())
+                for handle in bucket.handle:
+                    wait_horovod(self.hvd, handle,
+                                 f"dp gradient allreduce (bucket {bucket.index})", self.group,
+                                 bucket.flat.numel() * bucket.flat.element_size())
                 bucket.handle, bucket.ready = None, 0
-                for (_, p), view in zip(bucket.params, bucket.views):
-                    if p.grad is None:
-                        p.grad = view.clone()
-                    else:
-                        p.grad.copy_(view)
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -17,5 +17,13 @@ def import_horovod() -> Any:
 
 
 def init_groups(topology: Topology, comm: Any, timeout_sec: float) -> ParallelGroups:
-    """Initialise Horovod for torch and build this rank's groups (collective)."""
-    return init_horovod_groups(import_horovod(), topology, comm, timeout_sec)
+    """Initialise Horovod for torch and build this rank's groups (collective).
+
+    Horovod's fusion threshold is set to the data-parallel bucket size, so
+    that it reduces every full bucket in place (see
+    :func:`hvdllm.common.launch.configure_horovod_env`).
+    """
+    from .data_parallel import DEFAULT_BUCKET_BYTES
+
+    return init_horovod_groups(import_horovod(), topology, comm, timeout_sec,
+                               fusion_bytes=DEFAULT_BUCKET_BYTES)

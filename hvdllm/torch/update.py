@@ -66,7 +66,7 @@ class GradientUpdate:
         else:
             self.optimizer = optimizer
             if t.compression == "none":
-                self.sync = GradientSync(self.named_params, groups.dp, hvd)
+                self.sync = GradientSync(self.named_params, groups.dp, hvd, op=t.reduce_op)
             else:
                 self.compressor = make_compressor(t.compression, groups.dp, hvd,
                                                   topk_ratio=t.topk_ratio,
@@ -86,8 +86,15 @@ class GradientUpdate:
         return self.sync.sync() if self.sync is not None else contextlib.nullcontext()
 
     def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        """``loss`` times the fp16 loss scale (unchanged otherwise)."""
-        return self.precision.scale_loss(loss)
+        """``loss`` times the fp16 loss scale, and times 1/dp when the DP sync sums.
+
+        :class:`GradientSync` reduces with a ``Sum``; scaling the loss (a
+        single number) here turns that sum into the average at no cost.
+        """
+        loss = self.precision.scale_loss(loss)
+        if self.sync is not None and self.sync.loss_factor != 1.0:
+            loss = loss * self.sync.loss_factor
+        return loss
 
     def backward(self, loss: torch.Tensor, last: bool) -> None:
         """Back-propagate ``loss`` (already divided by the number of micro-batches)."""
@@ -133,4 +140,8 @@ class GradientUpdate:
         return info
 
     def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+        """Clear the gradients: zero the DP buckets they live in, else drop them."""
+        if self.sync is not None and self.sync.buckets:
+            self.sync.zero_grad()
+        else:
+            self.optimizer.zero_grad(set_to_none=True)

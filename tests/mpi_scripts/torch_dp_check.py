@@ -51,6 +51,9 @@ class TrackedLoss:
     def __truediv__(self, n):
         return TrackedLoss(self.t / n)
 
+    def __mul__(self, factor):
+        return TrackedLoss(self.t * factor)
+
     def backward(self):
         phase["in_backward"] = True
         self.t.backward()
