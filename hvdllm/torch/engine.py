@@ -45,7 +45,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
     """``train.optimizer``: AdamW (decoupled decay) or SGD with momentum (L2 decay).
 
     Weight decay applies to matrices only (not biases, norms or other 1-D
-    parameters).
+    parameters).  AdamW uses torch's fused kernel, one pass over all
+    parameters: 2.9 ms a step against 17 ms for the default per-tensor loop
+    on the 3.3M-parameter benchmark model, one thread (docs/benchmarks.md).
     """
     t = cfg.train
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
@@ -54,7 +56,9 @@ def build_optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimize
               {"params": no_decay, "weight_decay": 0.0}]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum)
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
+    fused = all(p.dtype.is_floating_point for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps,
+                             fused=fused or None)
 
 
 class TorchEngine:
