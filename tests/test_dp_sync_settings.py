@@ -1,0 +1,58 @@
+"""Horovod settings and config checks behind the data-parallel sync (no MPI needed)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from hvdllm.common.config import build_config
+from hvdllm.common.errors import ConfigError
+from hvdllm.common.launch import configure_horovod_env
+
+KEYS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_STALL_CHECK_TIME_SECONDS",
+        "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for key in KEYS:
+        monkeypatch.delenv(key, raising=False)
+    return monkeypatch
+
+
+def test_data_parallel_defaults(clean_env):
+    configure_horovod_env(30.0, data_parallel=True, fusion_bytes=4 * 2**20)
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "1"
+    assert os.environ["HOROVOD_FUSION_THRESHOLD"] == str(4 * 2**20)
+    assert os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "60"
+
+
+def test_no_data_parallelism_keeps_horovod_quiet_and_its_fusion(clean_env):
+    configure_horovod_env(30.0, data_parallel=False)
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "50"
+    assert "HOROVOD_FUSION_THRESHOLD" not in os.environ
+
+
+def test_user_values_win(clean_env):
+    clean_env.setenv("HOROVOD_CYCLE_TIME", "3")
+    clean_env.setenv("HOROVOD_FUSION_THRESHOLD", "0")
+    configure_horovod_env(30.0, data_parallel=True, fusion_bytes=4 * 2**20)
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "3"
+    assert os.environ["HOROVOD_FUSION_THRESHOLD"] == "0"
+
+
+def test_reduce_op_config():
+    assert build_config({}, []).train.reduce_op == "average"
+    assert build_config({}, ["train.reduce_op=adasum"]).train.reduce_op == "adasum"
+    bad = {
+        "train.reduce_op=sum": "must be one of average, adasum",
+        "train.compression=fp16": "cannot be combined with train.compression",
+        "train.zero=1": "cannot be combined with train.zero = 1",
+    }
+    for extra, message in bad.items():
+        sets = ["train.reduce_op=adasum", extra] if extra != "train.reduce_op=sum" else [extra]
+        with pytest.raises(ConfigError, match=message):
+            build_config({}, sets)
+    with pytest.raises(ConfigError, match="power of two, got 3"):
+        build_config({}, ["train.reduce_op=adasum", "parallel.dp=3",
+                          "train.global_batch_size=6", "train.micro_batch_size=2"])
