@@ -5,10 +5,10 @@
   (hvdllm's Keras GPT): one ``tf.function`` with a ``GradientTape`` and
   ``optimizer.apply_gradients``, op ``step``.
 * ``engine2``: hvdllm's engine at dp=2, op ``sync``: the engine's gradient
-  averaging function (``allreduce_gradients`` from
-  ``hvdllm/tensorflow/data_parallel.py``) alone, on a whole step's
-  gradients, see :meth:`Engine2Side.sync`; ``sync_flat`` is a what-if for
-  ``--diagnose``.
+  reduction (``GradientUpdate.reduce`` from ``hvdllm/tensorflow/update.py``)
+  alone, on a whole step's gradients in the form the engine's gradient
+  graph hands them over, see :meth:`Engine2Side.sync`; ``sync_flat`` is a
+  what-if for ``--diagnose``.
 
 Intra-op threads come from ``hvdllm.common.launch.threads_per_rank`` on
 every side.
@@ -65,17 +65,18 @@ class Engine2Side(_EngineSide):
 
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
-        from hvdllm.tensorflow.data_parallel import allreduce_gradients
+        from hvdllm.tensorflow.data_parallel import flatten_gradients
 
         engine = self.engine
         x, y = (tf.convert_to_tensor(a) for a in self.batches[0])
         with tf.GradientTape() as tape:
             loss = engine.model.next_token_loss(x, y, training=True)
         self.grads = [tf.convert_to_tensor(g) for g in tape.gradient(loss, engine.variables)]
-        self._allreduce = tf.function(
-            lambda grads: allreduce_gradients(grads, engine.groups.dp, engine.hvd))
-        # What-if for --diagnose: every gradient in one flat tensor, summed.
-        self.flat = tf.concat([tf.reshape(g, [-1]) for g in self.grads], axis=0)
+        self.flat = flatten_gradients(self.grads)
+        # The engine's gradient graph hands the in-place sum one flat buffer, which
+        # the sum overwrites: each turn gets a fresh copy (untimed, in prepare).
+        self._hand_over_flat = engine.update.in_place and engine._flat_grads
+        self._grads_in = self._fresh_grads()
         hvd, process_set = engine.hvd, engine.groups.dp.process_set
         self._allreduce_flat = tf.function(
             lambda flat: hvd.allreduce(flat, op=hvd.Sum, process_set=process_set))
@@ -85,17 +86,27 @@ class Engine2Side(_EngineSide):
         self.ops["sync"] = self.sync
         self.ops["sync_flat"] = self.sync_flat
 
-    def sync(self) -> None:
-        """The engine's gradient averaging alone, in a graph of its own.
+    def _fresh_grads(self) -> Any:
+        if self._hand_over_flat:
+            return self.flat + 0.0  # a new buffer, as the gradient graph's output is
+        return list(self.grads)
 
-        ``allreduce_gradients`` is the function the engine's step graph calls
-        after the last micro-batch to average every dense gradient over the
-        DP process set, whatever packing it does.  Here it runs in a
-        ``tf.function`` holding nothing else, on gradients computed once in
-        advance, so no compute overlaps it; the call returns when the
-        averaged tensors exist.
+    def prepare(self, op: str, args: dict[str, Any]) -> None:
+        if op == "sync":
+            self._grads_in = self._fresh_grads()
+
+    def sync(self) -> None:
+        """The engine's gradient reduction alone: ``engine.update.reduce``.
+
+        The engine calls it after the gradient graph, on what that graph
+        returns: with the in-place sum one flat float32 buffer (the graph
+        already wrote the gradients so), else a list of tensors.  Here it
+        runs on gradients computed once in advance, so no compute overlaps
+        it; the call returns when the per-variable gradients (views of the
+        summed buffer) exist.  The 1/dp of the average costs nothing here:
+        the optimizer step multiplies by it together with the unscaling.
         """
-        self._allreduce(self.grads)
+        self.engine.update.reduce(self._grads_in)
 
     def sync_flat(self) -> None:
         """Not hvdllm's path: one Horovod Sum over a prebuilt flat tensor (``--diagnose``).

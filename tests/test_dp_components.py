@@ -360,3 +360,91 @@ def test_compression_warmup():
             assert torch.equal(out, g) and "w" not in comp.errors
         else:
             assert int(torch.linalg.matrix_rank(out)) <= 2 and "w" in comp.errors
+
+
+def _momentum_setup(mode, warmup, **kw):
+    from hvdllm.torch.compression import make_compressor
+
+    torch.manual_seed(5)
+    model = torch.nn.Linear(16, 12)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, betas=(0.9, 0.95), weight_decay=0.1)
+    comp = make_compressor(mode, SOLO, None, warmup_steps=warmup, target="momentum", **kw)
+    return model, opt, comp
+
+
+def _momentum_step(model, opt, comp, gen):
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen)
+    named = list(model.named_parameters())
+    comp.reduce_grads_(named)
+    if comp.takes_step:
+        comp.step_(opt, named)
+    else:
+        opt.step()
+
+
+def test_momentum_compression_freezes_v_and_follows_adamw():
+    """Warm-up: plain AdamW.  Then v is frozen and, with nothing dropped, the step is AdamW's."""
+    model, opt, comp = _momentum_setup("topk", 2, topk_ratio=1.0)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(2):
+        _momentum_step(model, opt, comp, gen)
+    assert not comp.takes_step and comp.steps == 2
+    w = model.weight
+    before = {k: v.clone() for k, v in opt.state[w].items()}
+    w0 = w.detach().clone()
+    _momentum_step(model, opt, comp, gen)
+    assert comp.takes_step
+    st = opt.state[w]
+    assert torch.equal(st["exp_avg_sq"], before["exp_avg_sq"])  # frozen
+    m = 0.9 * before["exp_avg"] + 0.1 * w.grad
+    torch.testing.assert_close(st["exp_avg"], m)
+    step = float(before["step"]) + 1
+    denom = (before["exp_avg_sq"] / (1 - 0.95 ** step)).sqrt() + 1e-8
+    expect = w0 * (1 - 1e-2 * 0.1) - 1e-2 / (1 - 0.9 ** step) * m / denom
+    torch.testing.assert_close(w.detach(), expect)
+    assert float(st["step"]) == step
+
+
+def test_momentum_topk_error_feedback_conserves_and_masks():
+    """Top-k of m / denom: sent + residual == local scaled momentum; unsent entries stay put."""
+    model, opt, comp = _momentum_setup("topk", 1, topk_ratio=0.1)
+    gen = torch.Generator().manual_seed(3)
+    _momentum_step(model, opt, comp, gen)
+    for _ in range(3):
+        w = model.weight
+        st = opt.state[w]
+        m_old, w_old = st["exp_avg"].clone(), w.detach().clone()
+        res_old = comp.inner.residuals.get("weight", torch.zeros(w.numel())).clone()
+        _momentum_step(model, opt, comp, gen)
+        denom = (st["exp_avg_sq"] / (1 - 0.95 ** float(st["step"]))).sqrt() + 1e-8
+        local = (0.9 * m_old + 0.1 * w.grad) / denom
+        sent = st["exp_avg"] / denom
+        assert int((sent != 0).sum()) == topk_count(w.numel(), 0.1)
+        torch.testing.assert_close(sent.reshape(-1) + comp.inner.residuals["weight"],
+                                   local.reshape(-1) + res_old)
+        moved = (w.detach() - w_old * (1 - 1e-3)).abs() > 1e-9
+        assert torch.equal(moved, sent != 0)  # only the sent entries get an Adam update
+
+
+def test_momentum_compression_state_round_trip_and_checks():
+    model, opt, comp = _momentum_setup("powersgd", 1, powersgd_rank=2)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        _momentum_step(model, opt, comp, gen)
+    assert comp.last_step_bytes == 0 and "weight" in comp.inner.errors
+    state = comp.state_dict()
+    _, _, fresh = _momentum_setup("powersgd", 1, powersgd_rank=2)
+    fresh.load_state_dict(state)
+    assert fresh.steps == 3 and fresh.takes_step
+    assert torch.equal(fresh.inner.errors["weight"], comp.inner.errors["weight"])
+    assert torch.equal(fresh.inner.qs["weight"], comp.inner.qs["weight"])
+    from hvdllm.common.compression import check_compression_target
+
+    check_compression_target("momentum", "topk", "adamw", "torch")
+    for args, match in [(("moment", "topk"), "must be one of gradient, momentum"),
+                        (("momentum", "none"), "other than \"none\""),
+                        (("momentum", "topk", "sgd"), "needs train.optimizer"),
+                        (("momentum", "topk", "adamw", "tensorflow"), "torch\" only")]:
+        with pytest.raises(ConfigError, match=match):
+            check_compression_target(*args)

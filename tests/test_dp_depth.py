@@ -5,7 +5,7 @@
 * global gradient clipping over dp x tp x pp gives the single-process
   losses (clipping active on every step);
 * every compression mode trains, sends fewer bytes than "none" and logs
-  ``comm_bytes``; bf16 and fp16 mixed precision train, fp16 logging its
+  ``comm_bytes``, also with the momentum target; bf16 and fp16 mixed precision train, fp16 logging its
   loss scale.
 """
 import numpy as np
@@ -76,6 +76,19 @@ def test_compression_trains_and_sends_fewer_bytes(mode, tmp_path_factory):
     got = train(tmp_path_factory, "parallel.dp=2", f"train.compression={mode}", *extra)
     assert all(r["comm_bytes"] > 0 for r in got + none)
     assert got[-1]["comm_bytes"] < none[-1]["comm_bytes"]
+    loss = losses(got)
+    assert np.isfinite(loss).all() and loss[-1] < loss[0] - 0.3, loss
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["topk", "powersgd"])
+def test_momentum_target_trains_and_sends_fewer_bytes(mode, tmp_path_factory):
+    """1-bit-Adam-style momentum compression: dense warm-up, then compressed bytes."""
+    none = train(tmp_path_factory, "parallel.dp=2")
+    got = train(tmp_path_factory, "parallel.dp=2", f"train.compression={mode}",
+                "train.compression_target=momentum", "train.compression_warmup_steps=5")
+    assert [r["comm_bytes"] for r in got[:5]] == [r["comm_bytes"] for r in none[:5]]
+    assert all(0 < r["comm_bytes"] < none[-1]["comm_bytes"] / 5 for r in got[5:])
     loss = losses(got)
     assert np.isfinite(loss).all() and loss[-1] < loss[0] - 0.3, loss
 

@@ -315,9 +315,12 @@ def test_finished_run_says_so_and_exits_zero(tmp_path):
     ["model.family=llama", "train.optimizer=sgd", "model.n_kv_head=2"],
     ["train.precision=fp16", "train.grad_clip=0.5"],
     ["train.compression=topk", "train.topk_ratio=0.1"],
+    ["train.compression=topk", "train.topk_ratio=0.1", "train.compression_target=momentum",
+     "train.compression_warmup_steps=3"],
     ["model.dropout=0.1"],
     ["train.framework=tensorflow", "model.dropout=0.1"],
-], ids=["llama-sgd", "fp16-clip", "topk", "dropout-rng", "tensorflow-dropout-rng"])
+], ids=["llama-sgd", "fp16-clip", "topk", "topk-momentum", "dropout-rng",
+        "tensorflow-dropout-rng"])
 def test_stop_and_continue_is_bitwise_exact_in_one_process(extra, tmp_path):
     """Optimizer kinds, the fp16 loss scaler, error feedback and dropout's RNG carry over exactly."""
     ref, out = tmp_path / "ref", tmp_path / "run"

@@ -76,6 +76,33 @@ def check_compression(name: str, topk_ratio: float = DEFAULT_TOPK_RATIO,
         raise ConfigError(f"train.powersgd_rank must be an integer >= 1, got {powersgd_rank!r}")
 
 
+#: Values of ``train.compression_target``.
+COMPRESSION_TARGETS = ("gradient", "momentum")
+
+
+def check_compression_target(target: str, compression: str = "none", optimizer: str = "adamw",
+                             framework: str = "torch") -> None:
+    """Raise :class:`ConfigError` unless ``train.compression_target = target`` can work.
+
+    "momentum" compresses AdamW's momentum after a warm-up with ``v`` frozen
+    (1-bit Adam's scheme): it needs a compressor, AdamW and the torch engine.
+    """
+    if target not in COMPRESSION_TARGETS:
+        raise ConfigError(f"train.compression_target must be one of "
+                          f"{', '.join(COMPRESSION_TARGETS)}, got {target!r}")
+    if target == "gradient":
+        return
+    if compression == "none":
+        raise ConfigError('train.compression_target = "momentum" needs a train.compression '
+                          'other than "none"')
+    if optimizer != "adamw":
+        raise ConfigError(f'train.compression_target = "momentum" needs train.optimizer = '
+                          f'"adamw", got {optimizer!r}')
+    if framework != "torch":
+        raise ConfigError(f'train.compression_target = "momentum" is implemented for '
+                          f'train.framework = "torch" only, got {framework!r}')
+
+
 def topk_count(numel: int, ratio: float) -> int:
     """Entries top-k keeps of ``numel``: ``floor(ratio * numel)``, at least 1."""
     return max(1, min(numel, int(ratio * numel)))

@@ -178,7 +178,12 @@ class TrainConfig:
         compression_warmup_steps: warm-up of "topk" (starts sending 25% of
             the entries and shrinks to ``topk_ratio`` over this many steps)
             and "powersgd" (averages uncompressed for this many steps);
-            0 = none.
+            0 = none.  With ``compression_target = "momentum"``: plain AdamW
+            steps, averaged uncompressed, before ``v`` is frozen.
+        compression_target: what the compressor sends: "gradient", or
+            "momentum" (1-bit Adam's scheme: after the warm-up AdamW's
+            second moment is frozen and each rank's momentum is compressed
+            and averaged; AdamW and torch only).
         powersgd_rank: rank of the PowerSGD approximation, >= 1.
         reduce_op: how the data-parallel group combines gradients with
             ``compression = "none"``: "average" (the mean), or "adasum"
@@ -219,6 +224,7 @@ class TrainConfig:
     compression: str = "none"
     topk_ratio: float = 0.01
     compression_warmup_steps: int = 0
+    compression_target: str = "gradient"
     powersgd_rank: int = 4
     reduce_op: str = "average"
     zero: int = 0
@@ -542,7 +548,7 @@ def _validate_schedule_and_eval(cfg: Config) -> None:
 
 def _validate_data_parallel_depth(cfg: Config) -> None:
     """Optimizer, compression, ZeRO, precision and clipping settings."""
-    from .compression import check_compression, check_reduce_op
+    from .compression import check_compression, check_compression_target, check_reduce_op
     from .loss_scale import check_precision
     from .zero import check_zero
 
@@ -553,6 +559,7 @@ def _validate_data_parallel_depth(cfg: Config) -> None:
     check_compression(t.compression, t.topk_ratio, t.powersgd_rank)
     if t.compression_warmup_steps < 0:
         raise ConfigError(f"train.compression_warmup_steps must be >= 0, got {t.compression_warmup_steps}")
+    check_compression_target(t.compression_target, t.compression, t.optimizer, t.framework)
     check_precision(t.precision)
     check_zero(t.zero, t.compression, t.optimizer)
     check_reduce_op(t.reduce_op, t.compression, t.zero, cfg.parallel.dp)

@@ -1,11 +1,20 @@
-"""Data-parallel gradient averaging and parameter broadcast over Horovod.
+"""Data-parallel gradient reduction and parameter broadcast (TensorFlow).
 
 The TensorFlow engine sums the gradients of all micro-batches locally in
-one ``tf.function`` first, and only then :func:`allreduce_gradients` runs one
-Horovod allreduce (average over the DP process set) in the graph that
-applies them, on all gradients packed into one flat buffer.
-Accumulation therefore costs no traffic, and the step pays for a single
-Horovod negotiation rather than one per tensor.
+one ``tf.function`` first and only then reduces them over the DP group,
+once per step, so accumulation costs no traffic.
+
+* :class:`InPlaceSum` (``train.reduce_op = "average"``, the default path):
+  the gradients arrive as one flat float32 tensor (the engine's gradient
+  graph concatenates them, :func:`flatten_gradients`), which is summed in
+  place by one MPI ``Allreduce`` on the DP group's own communicator,
+  between graph calls, and then split into views of the same memory.  No
+  fresh output buffer, no copy in or out, no scaling pass: the 1/dp of
+  the average is folded into the unscaling the optimizer step applies
+  anyway (:class:`hvdllm.tensorflow.update.GradientUpdate`).
+* :func:`allreduce_gradients`: a Horovod allreduce inside a graph, average
+  (one fused flat buffer) or Adasum (each gradient its own tensor, since
+  Adasum's projections are per parameter).
 
 Horovod's Keras API is not used: it does not support Keras 3 variables.
 Compression, ZeRO-1, loss scaling and clipping build on this in
@@ -47,26 +56,88 @@ class TracedFunction:
         return self.concrete(*args)
 
 
-def allreduce_gradients(grads: Sequence[tf.Tensor], group: Group, hvd: Any) -> list[tf.Tensor]:
-    """Average ``grads`` over ``group``; identity for a group of one.
+def flatten_gradients(grads: Sequence[tf.Tensor]) -> tf.Tensor:
+    """Every gradient flattened and concatenated into one float32 vector (graph or eager)."""
+    return tf.concat([tf.reshape(tf.cast(g, tf.float32), [-1]) for g in grads], axis=0)
 
-    Call it inside the ``tf.function`` of the training step, so the
-    allreduce is part of the step's graph.  Every rank of the group must
-    pass tensors of the same shapes in the same order.
+
+@tf.autograph.experimental.do_not_convert  # plain Python over a list, Horovod's code inside
+def allreduce_gradients(grads: Sequence[tf.Tensor], group: Group, hvd: Any,
+                        op: str = "average") -> list[tf.Tensor]:
+    """Average (or Adasum) ``grads`` over ``group`` with Horovod; identity for a group of one.
+
+    Call it inside a ``tf.function``, so the allreduce is part of the
+    graph.  Every rank of the group must pass tensors of the same shapes in
+    the same order.
 
     Args:
         grads: dense gradients, one per trainable variable.
         group: the data-parallel group; its ``process_set`` is used.
         hvd: the ``horovod.tensorflow`` module.
+        op: "average" (one fused flat buffer) or "adasum" (Horovod's Adasum
+            per gradient tensor: layer-wise projections, as in torch).
     """
     if group.size == 1:
         return list(grads)
     grads = list(grads)
-    flat = tf.concat([tf.reshape(g, [-1]) for g in grads], axis=0)
-    flat = hvd.allreduce(flat, op=hvd.Average, name=f"{group.kind}.grads",
+    if op == "adasum":
+        return [hvd.allreduce(g, op=hvd.Adasum, name=f"{group.kind}.adasum.{i}",
+                              process_set=group.process_set) for i, g in enumerate(grads)]
+    if op != "average":
+        raise ValueError(f"unknown gradient reduction {op!r}; expected 'average' or 'adasum'")
+    flat = hvd.allreduce(flatten_gradients(grads), op=hvd.Average, name=f"{group.kind}.grads",
                          process_set=group.process_set)
     sizes = [int(np.prod(g.shape)) for g in grads]
     return [tf.reshape(part, g.shape) for part, g in zip(tf.split(flat, sizes), grads)]
+
+
+class InPlaceSum:
+    """Sum a flat float32 gradient tensor over ``group`` in its own memory.
+
+    ``__call__(flat)`` runs one blocking MPI ``Allreduce(IN_PLACE, SUM)`` on
+    the group's communicator over the tensor's buffer, registered as a wait
+    of the hang watchdog, and returns the per-variable gradients: views of
+    the result (``tf.split`` along axis 0 and ``tf.reshape`` share the
+    buffer on the CPU), cut in one traced graph, since one eager reshape per
+    variable would cost more than the split.  The tensor must be a buffer
+    nobody else holds: a fresh output of the gradient graph (a
+    concatenation of two or more tensors, or a sum), never a variable's
+    value or a constant, in host memory.
+
+    Args:
+        shapes: the variables' shapes, in the order of the flat layout.
+        group: the data-parallel group (its ``comm``).
+    """
+
+    def __init__(self, shapes: Sequence[Any], group: Group):
+        self.shapes = [tf.TensorShape(s) for s in shapes]
+        self.sizes = [int(s.num_elements()) for s in self.shapes]
+        self.numel = sum(self.sizes)
+        self.group = group
+        self._split = TracedFunction(self._split_graph)
+
+    def _split_graph(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        return [tf.reshape(part, shape)
+                for part, shape in zip(tf.split(flat, self.sizes), self.shapes)]
+
+    def __call__(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        if flat.dtype != tf.float32 or tuple(flat.shape) != (self.numel,):
+            raise ValueError(f"in-place gradient sum wants float32[{self.numel}], "
+                             f"got {flat.dtype.name}{list(flat.shape)}")
+        if "CPU" not in flat.backing_device:
+            raise ValueError(f"in-place gradient sum needs a host tensor, got one on "
+                             f"{flat.backing_device}")
+        from mpi4py import MPI
+
+        view = np.asarray(flat)  # no copy: the tensor's own (read-only-flagged) buffer
+        address = view.__array_interface__["data"][0]
+        buf = MPI.buffer.fromaddress(address, view.nbytes, readonly=False)
+        group = self.group
+        with watchdog.current().waiting("dp gradient allreduce (in place, MPI)", group.kind,
+                                        group.ranks, nbytes=view.nbytes):
+            group.comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
+        del view, buf
+        return list(self._split(flat))
 
 
 def broadcast_variables(variables: Sequence[Any], group: Group, hvd: Any, root: int = 0) -> None:

@@ -14,7 +14,7 @@ from ..common.family import family_spec
 from ..common.init_from import initial_tensors
 from ..common.topology import ParallelGroups
 from ..common.train_checkpoint import CheckpointReader, RankState
-from .data_parallel import TracedFunction, broadcast_variables
+from .data_parallel import TracedFunction, broadcast_variables, flatten_gradients
 from .distributed import import_horovod
 from .models import MODEL_CLASSES, CausalLM
 from .pipeline import PipelineExecutor, build_pipeline, plan_split
@@ -58,6 +58,10 @@ class TensorFlowEngine:
     stage's executor walks the schedule, one traced graph per chunk and
     micro-batch, and its point-to-point waits are polled with deadlines.
 
+    Without a pipeline or sequence parallelism, and with the in-place DP
+    sum (:attr:`GradientUpdate.in_place`), the graph returns the gradients
+    as one flat buffer that the sum overwrites.
+
     After the gradients: the sequence-parallel sum over TP of the
     replicated variables' gradients, the data-parallel average
     (:class:`~hvdllm.tensorflow.update.GradientUpdate`: compression or
@@ -99,6 +103,9 @@ class TensorFlowEngine:
         self._sp_reduce = None
         if tp.sequence_parallel:
             self._sp_reduce = TracedFunction(self._sp_reduce_graph)
+        # The in-place DP sum takes the gradients as one flat buffer: the gradient
+        # graph writes them so, and no separate packing pass runs.
+        self._flat_grads = update.in_place and pipeline is None and self._sp_reduce is None
         self.state = TensorFlowState(model, self.variables, update, groups, cfg.train.optimizer,
                                      family_spec(cfg.model),
                                      extra=model.non_trainable_variables)
@@ -127,6 +134,8 @@ class TensorFlowEngine:
                 loss, more = self._micro_batch(xs[i], ys[i], scale)
                 total += loss
                 grads = [g + m for g, m in zip(grads, more)]
+        if self._flat_grads:
+            return total / n, flatten_gradients(grads)
         return total / n, grads
 
     def _sp_reduce_graph(self, grads: list) -> list:
@@ -147,7 +156,7 @@ class TensorFlowEngine:
             with watchdog.current().waiting("tensor-parallel forward/backward (TensorFlow "
                                             "graph)", tp.kind, tp.ranks):
                 loss, grads = graph(xs, ys, scale)
-        return float(loss), list(grads)
+        return float(loss), (grads if self._flat_grads else list(grads))
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:

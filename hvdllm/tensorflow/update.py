@@ -9,8 +9,12 @@ depend on how the forward pass is laid out.
    ``train.precision`` (:func:`hvdllm.tensorflow.precision.precision_policy`)
    is set by the engine before it builds the model.
 2. ``reduce(grads)``: the data-parallel average, by
-   * one fused Horovod allreduce in a traced graph (``compression =
-     "none"``, as :func:`hvdllm.tensorflow.data_parallel.allreduce_gradients`);
+   * one in-place MPI sum of the flat gradient buffer (``compression =
+     "none"``, :class:`hvdllm.tensorflow.data_parallel.InPlaceSum`); the
+     engine passes the gradients already flat when :attr:`in_place` is
+     set, and the 1/dp of the average is folded into the unscaling of 3;
+   * Horovod's Adasum per gradient in a traced graph (``reduce_op =
+     "adasum"``, :func:`hvdllm.tensorflow.data_parallel.allreduce_gradients`);
    * a compressor (``fp16``, ``bf16``, ``topk``, ``powersgd``,
      :mod:`hvdllm.tensorflow.compression`);
    * nothing for ZeRO-1 (``train.zero = 1``): its optimizer
@@ -40,14 +44,14 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from ..common import watchdog
+from ..common import link_throttle, watchdog
 from ..common.compression import wire_bytes
 from ..common.config import Config
 from ..common.grad_update import StepInfo
 from ..common.topology import ParallelGroups
 from .clip import clip_coefficient, combine_squared_norms, squared_norm_parts
 from .compression import GradientCompressor, make_compressor
-from .data_parallel import TracedFunction, allreduce_gradients
+from .data_parallel import InPlaceSum, TracedFunction, allreduce_gradients, flatten_gradients
 from .precision import MixedPrecision
 from .zero import ZeroAdamW, zero_optimizer_from
 
@@ -154,6 +158,18 @@ class GradientUpdate:
         # ZeRO's reduce-scatter plus allgather move what one allreduce moves.
         self._dense_bytes = sum(wire_bytes("none", v.shape, groups.dp.size)
                                 for v in self.variables)
+        self.reduce_op = t.reduce_op
+        # The dense average: an in-place sum whose 1/dp is applied with the unscaling
+        # in apply (a multiply the step does anyway).  A single variable's gradient
+        # could be a buffer the graph shares, so that rare case takes Horovod's path,
+        # as do gradients in GPU memory (MPI sums host memory here).
+        self.in_place = (not self.zero and self.compressor is None and groups.dp.size > 1
+                         and self.reduce_op == "average" and len(self.variables) > 1
+                         and not tf.config.list_logical_devices("GPU"))
+        self._grad_factor = 1.0 / groups.dp.size if self.in_place else 1.0
+        self._in_place_sum = (InPlaceSum([v.shape for v in self.variables], groups.dp)
+                              if self.in_place else None)
+        self._flatten = TracedFunction(flatten_gradients)
         self._allreduce = TracedFunction(self._allreduce_graph)
         self._finite = TracedFunction(self._finite_graph)
         self._norm_parts = TracedFunction(self._norm_parts_graph)
@@ -171,7 +187,7 @@ class GradientUpdate:
 
     # -- graphs ---------------------------------------------------------------
     def _allreduce_graph(self, grads: list) -> list:
-        return allreduce_gradients(grads, self.groups.dp, self.hvd)
+        return allreduce_gradients(grads, self.groups.dp, self.hvd, op=self.reduce_op)
 
     def _finite_graph(self, grads: list) -> tf.Tensor:
         return tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
@@ -191,22 +207,45 @@ class GradientUpdate:
                 for g, v in zip(grads, self.variables)]
 
     # -- after the gradients ----------------------------------------------
-    def reduce(self, grads: Sequence[Any]) -> list[tf.Tensor]:
-        """The gradients averaged over the DP group (ZeRO-1: unchanged, it reduces in apply).
+    def reduce(self, grads: Sequence[Any] | tf.Tensor) -> list[tf.Tensor]:
+        """The gradients reduced over the DP group (ZeRO-1: unchanged, it reduces in apply).
+
+        With :attr:`in_place` the result is the sum over the group (apply
+        divides by dp); otherwise the average (or Adasum).
 
         Args:
-            grads: this rank's gradients, one per variable (None: zeros).
+            grads: this rank's gradients, one per variable (None: zeros);
+                with :attr:`in_place` also one flat float32 tensor of them
+                all (:func:`~hvdllm.tensorflow.data_parallel.flatten_gradients`),
+                a fresh output of the gradient graph that this call may
+                overwrite.
         """
+        if self.in_place:
+            start = link_throttle.clock()  # HVDLLM_SIM_LINK_GBPS: a simulated slow link
+            if isinstance(grads, tf.Tensor):
+                flat = grads
+            else:
+                flat = self._flatten(self._dense(grads))
+            grads = self._in_place_sum(flat)
+            link_throttle.settle(start, self._dense_bytes)
+            return grads
+        if isinstance(grads, tf.Tensor):
+            raise ValueError("flat gradients are only taken by the in-place DP sum")
         grads = self._dense(grads)
         dp = self.groups.dp
         if self.zero or dp.size == 1 and self.compressor is None:
             return grads
+        start = link_throttle.clock()  # HVDLLM_SIM_LINK_GBPS: a simulated slow link
         if self.compressor is not None:
-            return self.compressor.reduce(grads, self.names)
+            grads = self.compressor.reduce(grads, self.names)
+            link_throttle.settle(start, self.compressor.last_step_bytes)
+            return grads
         with watchdog.current().waiting("dp gradient allreduce (TensorFlow graph)", dp.kind,
                                         dp.ranks, nbytes=4 * sum(int(g.shape.num_elements())
                                                                  for g in grads)):
-            return list(self._allreduce(grads))
+            grads = list(self._allreduce(grads))
+        link_throttle.settle(start, self._dense_bytes)
+        return grads
 
     def apply(self, grads: Sequence[Any], lr: float) -> StepInfo:
         """Unscale, check overflow on all ranks, clip, step and update the loss scale.
@@ -223,7 +262,7 @@ class GradientUpdate:
             found_inf = self.precision.found_inf(not bool(self._finite(grads)))
         info = StepInfo(applied=not found_inf)
         if not found_inf:
-            inv = 1.0 / scale
+            inv = self._grad_factor / scale  # the in-place sum's 1/dp comes in here
             if self.zero:
                 info.grad_norm = self._apply_zero(grads, lr, inv)
             else:

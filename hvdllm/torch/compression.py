@@ -416,7 +416,8 @@ class PowerSGDCompressor(GradientCompressor):
 
 def make_compressor(mode: str, group: Group, hvd: Any, *, topk_ratio: float = DEFAULT_TOPK_RATIO,
                     powersgd_rank: int = DEFAULT_POWERSGD_RANK, seed: int = 0,
-                    device: str = "cpu", warmup_steps: int = 0) -> GradientCompressor:
+                    device: str = "cpu", warmup_steps: int = 0,
+                    target: str = "gradient") -> GradientCompressor:
     """The compressor for ``train.compression = mode``.
 
     Args:
@@ -428,8 +429,15 @@ def make_compressor(mode: str, group: Group, hvd: Any, *, topk_ratio: float = DE
         seed: seed of PowerSGD's initial ``Q`` (use ``train.seed``).
         device: device of the gradients.
         warmup_steps: ``train.compression_warmup_steps``.
+        target: ``train.compression_target``: "gradient", or "momentum" for
+            :class:`MomentumCompressor` (AdamW only; the engine then calls its
+            :meth:`~MomentumCompressor.step_` instead of ``optimizer.step()``).
     """
     check_compression(mode, topk_ratio, powersgd_rank)
+    if target == "momentum":
+        inner = make_compressor(mode, group, hvd, topk_ratio=topk_ratio,
+                                powersgd_rank=powersgd_rank, seed=seed, device=device)
+        return MomentumCompressor(inner, warmup_steps)
     if mode in HALF_DTYPES:
         return HalfPrecisionCompressor(group, hvd, mode, device)
     if mode == "topk":
@@ -437,3 +445,103 @@ def make_compressor(mode: str, group: Group, hvd: Any, *, topk_ratio: float = DE
     if mode == "powersgd":
         return PowerSGDCompressor(group, hvd, powersgd_rank, seed, warmup_steps)
     return GradientCompressor(group, hvd)
+
+
+class MomentumCompressor(GradientCompressor):
+    """Compress AdamW's momentum instead of the gradient (the scheme of 1-bit Adam).
+
+    For the first ``warmup_steps`` steps gradients are averaged uncompressed
+    and AdamW runs as usual.  From then on AdamW's second moment ``v`` is
+    frozen, and each step (in :meth:`step_`, which replaces the optimizer's
+    step) every rank forms its local momentum ``m_i = b1 m + (1 - b1) g_i``
+    from the shared momentum ``m`` and its own gradient ``g_i``, and the
+    ``inner`` compressor (top-k or PowerSGD, with its error feedback)
+    averages the ``m_i``.  The average becomes the new ``m`` on every rank
+    and the parameters move by AdamW's rule with the frozen ``v``::
+
+        p <- p (1 - lr wd) - lr (m / bc1) / (sqrt(v / bc2) + eps)
+
+    Momentum changes slowly, so what the compressor drops or delays is small
+    against it, and a frozen ``v`` cannot be inflated by the bursts that
+    error feedback releases.  Top-k is fed ``m_i / (sqrt(v_hat) + eps)`` (the
+    update itself; ``denom`` is the same on every rank, so averaging
+    commutes with it) and picks the entries that move the weights most;
+    PowerSGD is fed ``m_i`` (both choices measured better on the demo model).
+    ``train.grad_clip`` then clips each rank's own gradient before it enters
+    ``m_i`` (local clipping, as in Deep Gradient Compression).
+
+    Args:
+        inner: the compressor that averages the momenta (its own warm-up is not used).
+        warmup_steps: uncompressed AdamW steps before ``v`` is frozen.
+    """
+
+    def __init__(self, inner: GradientCompressor, warmup_steps: int):
+        super().__init__(inner.group, inner.hvd)
+        self.inner = inner
+        self.mode = inner.mode
+        self.warmup_steps = int(warmup_steps)
+        self.steps = 0
+        #: Compress ``m / denom`` (top-k: measured better) or ``m`` (PowerSGD: measured better).
+        self.scaled = inner.mode == "topk"
+
+    @property
+    def takes_step(self) -> bool:
+        """True once the warm-up is over: :meth:`step_` replaces ``optimizer.step()``."""
+        return self.steps > self.warmup_steps
+
+    def reduce_grads_(self, named_parameters: Iterable[tuple[str, torch.nn.Parameter]]) -> None:
+        """Warm-up: average the gradients uncompressed.  Later: nothing (see :meth:`step_`)."""
+        self.steps += 1
+        self.last_step_bytes = 0
+        if not self.takes_step:
+            super().reduce_grads_(named_parameters)
+
+    def step_(self, optimizer: torch.optim.Optimizer,
+              named_parameters: Sequence[tuple[str, torch.nn.Parameter]]) -> None:
+        """Average the compressed local momenta and take an AdamW step with frozen ``v``.
+
+        ``optimizer`` must be the ``torch.optim.AdamW`` that ran the warm-up
+        (its ``exp_avg``, ``exp_avg_sq`` and ``step`` are used and updated).
+        """
+        by_param = {id(p): group for group in optimizer.param_groups for p in group["params"]}
+        params = [(n, p) for n, p in named_parameters if p.requires_grad]
+        with torch.no_grad():
+            local, names, denoms = [], [], []
+            for name, p in params:
+                group = by_param[id(p)]
+                beta1, beta2 = group["betas"]
+                state = optimizer.state[p]
+                state["step"] += 1
+                step = float(state["step"])
+                denom = (state["exp_avg_sq"] / (1.0 - beta2 ** step)).sqrt_().add_(group["eps"])
+                grad = p.grad if p.grad is not None else torch.zeros_like(p)
+                m = beta1 * state["exp_avg"] + (1.0 - beta1) * grad.float()
+                # The inner compressor sees m / denom, the update itself: its top-k
+                # picks the entries that move the weights most (denom is shared).
+                local.append(m / denom if self.scaled else m)
+                names.append(name)
+                denoms.append(denom)
+            self.inner.reduce_(local, names)
+            self.last_step_bytes = self.inner.last_step_bytes
+            self.bytes_sent += self.last_step_bytes
+            for (name, p), avg, denom in zip(params, local, denoms):
+                group = by_param[id(p)]
+                state = optimizer.state[p]
+                beta1 = group["betas"][0]
+                step = float(state["step"])
+                state["exp_avg"].copy_(avg * denom if self.scaled else avg)
+                p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1.0 - beta1 ** step))
+
+    # The inner compressor's error feedback (and Q) is the state to save.
+    def state_dict(self) -> dict[str, Any]:
+        out = self.inner.state_dict()
+        out["steps"] = int(self.steps)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.inner.load_state_dict(state)
+        self.steps = int(state.get("steps", 0))
+
+    def forget_nonfinite(self) -> int:
+        return self.inner.forget_nonfinite()

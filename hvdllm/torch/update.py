@@ -28,6 +28,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from ..common import link_throttle
 from ..common.compression import wire_bytes
 from ..common.config import Config
 from ..common.grad_update import StepInfo
@@ -71,7 +72,8 @@ class GradientUpdate:
                 self.compressor = make_compressor(t.compression, groups.dp, hvd,
                                                   topk_ratio=t.topk_ratio,
                                                   powersgd_rank=t.powersgd_rank, seed=t.seed,
-                                                  warmup_steps=t.compression_warmup_steps)
+                                                  warmup_steps=t.compression_warmup_steps,
+                                                  target=t.compression_target)
         # ZeRO's reduce-scatter plus allgather move what one allreduce moves.
         self._dense_bytes = sum(wire_bytes("none", p.shape, groups.dp.size)
                                 for _, p in self.named_params)
@@ -108,10 +110,13 @@ class GradientUpdate:
     # -- after backward ----------------------------------------------------
     def reduce_gradients(self) -> None:
         """Average gradients over the DP group (ZeRO-1 defers this to its step)."""
+        start = link_throttle.clock()  # HVDLLM_SIM_LINK_GBPS: a simulated slow link
         if self.sync is not None:
             self.sync.wait()
+            link_throttle.settle(start, self._dense_bytes)
         elif self.compressor is not None:
             self.compressor.reduce_grads_(self.named_params)
+            link_throttle.settle(start, self.compressor.last_step_bytes)
 
     def apply(self, lr: float) -> StepInfo:
         """Unscale, check overflow on all ranks, clip, step and update the loss scale."""
@@ -129,7 +134,12 @@ class GradientUpdate:
                     norm = clip_grad_norm_(params, self.grad_clip, self.groups.tp,
                                            self.groups.pp)
                 info.grad_norm = float(norm)
-            self.optimizer.step()
+            if getattr(self.compressor, "takes_step", False):  # compressed AdamW momentum
+                start = link_throttle.clock()  # its exchange happens here, not in reduce
+                self.compressor.step_(self.optimizer, self.named_params)
+                link_throttle.settle(start, self.compressor.last_step_bytes)
+            else:
+                self.optimizer.step()
         if found_inf and self.compressor is not None:
             self.compressor.forget_nonfinite()  # the overflow must not live on in its state
         self.precision.update(found_inf)
