@@ -372,6 +372,9 @@ def plan(framework: str, preset: dict[str, Any], log_dir: Path,
                     extra_env=WHAT_IF_ENV)
         jobs.append(other)
         comps += [
+            Comparison(fw, "sync vs in-place MPI", engine2, "sync", [allreduce],
+                       "allreduce_inplace", "raw mpi4py Allreduce(IN_PLACE)", None,
+                       reps=sync_reps),
             Comparison(fw, "what-if: flat sync", engine2, "sync_flat", [allreduce], "allreduce",
                        "raw mpi4py Allreduce", None, reps=sync_reps),
             Comparison(fw, "what-if: 5ms cycle sync", [other], "sync", [allreduce], "allreduce",
@@ -437,7 +440,7 @@ def run_framework(framework: str, preset: dict[str, Any], log_dir: Path, progres
             comp.threads = {"hvdllm": comp.hvdllm_jobs[0].info.get("threads"),
                             "peer": comp.peer_jobs[0].info.get("threads")}
             comp.hvdllm_env = comp.hvdllm_jobs[0].info.get("env", {})
-            if comp.peer_op == "allreduce":
+            if comp.peer_op.startswith("allreduce"):
                 comp.args = {"count": comp.num_params}
         turns = preset["warmup"] + preset["trials"]
         for turn in range(turns):
@@ -474,7 +477,7 @@ def summarize(comp: Comparison) -> dict[str, Any]:
            "hvdllm_env": comp.hvdllm_env,
            "hvdllm_times_ms": [t * 1e3 for t in comp.times("hvdllm")],
            "peer_times_ms": [t * 1e3 for t in comp.times("peer")]}
-    if comp.peer_op == "allreduce":
+    if comp.peer_op.startswith("allreduce"):
         out["bytes"] = 4 * comp.num_params
     return out
 

@@ -34,9 +34,10 @@ class _EngineSide:
         from hvdllm.tensorflow.engine import build_engine
 
         comm = hvdllm_world()  # first use of MPI in this process, as in `hvdllm train`
+        world = settings.get("world", self.world)  # --scaling runs this side at 4 ranks
         n_threads = threads(comm)
-        cfg = hvdllm_config(settings, self.world, "tensorflow")
-        self.groups = init_groups(Topology(self.world), comm, 300.0)
+        cfg = hvdllm_config(settings, world, "tensorflow")
+        self.groups = init_groups(Topology(world), comm, 300.0)
         self.engine = build_engine(cfg, self.groups, threads=n_threads)
         self.lr = settings["lr"]
         self.batches = micro_batches(settings, comm.Get_rank())

@@ -45,7 +45,11 @@ class MpiAllreduceSide:
 
     The buffer holds as many float32 values as the model has parameters, so
     it moves the same bytes as hvdllm's gradient sync.  Send and receive
-    buffers are allocated once, outside the timing.
+    buffers are allocated once, outside the timing.  ``allreduce`` is the
+    textbook call with separate send and receive buffers (the peer of the
+    targets); ``allreduce_inplace`` sums the buffer in its own memory
+    (``MPI.IN_PLACE``), which is what hvdllm's syncs do and is faster on one
+    node (shown by ``--diagnose``).
     """
 
     world = 2
@@ -57,7 +61,7 @@ class MpiAllreduceSide:
         self.comm = MPI.COMM_WORLD
         self.send = self.recv = np.empty(0, np.float32)
         self.info = {"threads": None}
-        self.ops = {"allreduce": self.allreduce}
+        self.ops = {"allreduce": self.allreduce, "allreduce_inplace": self.allreduce_inplace}
 
     def prepare(self, op: str, args: dict[str, Any]) -> None:
         count = int(args["count"])
@@ -68,6 +72,9 @@ class MpiAllreduceSide:
 
     def allreduce(self) -> None:
         self.comm.Allreduce(self.send, self.recv, op=self.MPI.SUM)
+
+    def allreduce_inplace(self) -> None:
+        self.comm.Allreduce(self.MPI.IN_PLACE, self.recv, op=self.MPI.SUM)
 
     def close(self) -> None:
         pass
