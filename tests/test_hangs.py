@@ -79,7 +79,7 @@ def assert_hang_reported(res, ended, tmp_path, culprit, world, why):
 
 @pytest.mark.parametrize("framework, sets, world, culprit, op", [
     ("torch", ["parallel.dp=2"], 2, 1, "dp gradient allreduce"),
-    ("tensorflow", ["parallel.dp=2"], 2, 1, "dp gradient allreduce (TensorFlow graph)"),
+    ("tensorflow", ["parallel.dp=2"], 2, 1, "dp gradient allreduce (in place, MPI)"),
     ("torch", ["parallel.tp=2"], 2, 1, "tensor-parallel"),
     ("torch", ["parallel.pp=2"], 2, 0, "pipeline"),
     ("torch", ["parallel.dp=2", "parallel.pp=2", "train.zero=1"], 4, 3, ""),
