@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,21 +38,18 @@ sys.path.insert(0, str(REPO))
 from hvdllm.common.compression import COMPRESSIONS  # noqa: E402
 from hvdllm.common.link_throttle import ENV_VAR, parse_gbps  # noqa: E402
 
+import dp_depth  # noqa: E402  (the launch helpers of the sibling benchmark)
+
 SMOOTH = 3  # logged losses averaged before comparing with the target
 
 
 def env(gbps: float) -> dict[str, str]:
-    out = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    out[ENV_VAR] = repr(gbps)
-    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
-    if os.geteuid() == 0:
-        out.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return out
+    """``dp_depth.py``'s launch environment, with the simulated link speed."""
+    return dict(dp_depth.env(), **{ENV_VAR: repr(gbps)})
 
 
 def mpirun(np_: int) -> list[str]:
-    exe = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or "mpirun"
-    return [exe, "-np", str(np_), "--oversubscribe", "-x", ENV_VAR]
+    return dp_depth.mpirun(np_) + ["-x", ENV_VAR]
 
 
 def parse_sets(items: list[str], modes: list[str]) -> dict[str, list[str]]:
