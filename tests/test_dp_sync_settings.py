@@ -22,7 +22,7 @@ def clean_env(monkeypatch):
 
 def test_data_parallel_defaults(clean_env):
     configure_horovod_env(30.0, data_parallel=True, fusion_bytes=4 * 2**20)
-    assert os.environ["HOROVOD_CYCLE_TIME"] == "1"
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "5"
     assert os.environ["HOROVOD_FUSION_THRESHOLD"] == str(4 * 2**20)
     assert os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "60"
 
