@@ -47,14 +47,6 @@ REPO = HERE.parent
 BINDS = ("core", "none")
 
 
-def env() -> dict[str, str]:
-    out = dict(os.environ, PYTHONPATH=str(REPO), TF_CPP_MIN_LOG_LEVEL="2")
-    out["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{out.get('PATH', '')}"
-    if os.geteuid() == 0:
-        out.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return out
-
-
 # -- worker (one per rank) -----------------------------------------------------
 def run_worker(args: argparse.Namespace) -> None:
     import numpy as np
@@ -144,6 +136,8 @@ def launch(dp: int, bind: str, args: argparse.Namespace) -> dict:
            "--trials", str(args.trials), "--bucket-kb", ",".join(map(str, args.bucket_kb))]
     if args.quick:
         cmd.append("--quick")
+    from dp_depth import env  # the sibling benchmark's launch environment
+
     res = subprocess.run(cmd, capture_output=True, text=True, env=env(), timeout=900)
     lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
     if res.returncode != 0 or not lines:
