@@ -7,6 +7,7 @@ fails, so a failure on any rank fails the test.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -25,6 +26,47 @@ HOROVOD_EXAMPLES_ENV = "HVDLLM_HOROVOD_EXAMPLES"
 MULTINODE_ENV = "HVDLLM_MULTINODE"
 # Set to run the slurm tier (root; a one-node Slurm): `make test-slurm`.
 SLURM_ENV = "HVDLLM_SLURM"
+
+
+# Settings hvdllm writes into its own process's environment before Horovod
+# starts (``configure_horovod_env``).  Every later subprocess of the suite
+# would inherit what a test leaves there: a leaked
+# HOROVOD_STALL_CHECK_TIME_SECONDS=30 once made a stall test take 95 s.
+LAUNCH_ENV_PREFIXES = ("HOROVOD_", "HVDLLM_")
+
+
+def launch_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(LAUNCH_ENV_PREFIXES)}
+
+
+def restore_launch_env(saved: dict[str, str]) -> None:
+    for key in set(launch_env()) - set(saved):
+        del os.environ[key]
+    os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def preserved_launch_env():
+    """Undo, on exit, what the body sets in the launch environment (module fixtures)."""
+    saved = launch_env()
+    try:
+        yield
+    finally:
+        restore_launch_env(saved)
+
+
+@pytest.fixture(autouse=True)
+def launch_env_unchanged():
+    """Fail a test that leaves Horovod or hvdllm settings in this process's environment."""
+    saved = launch_env()
+    yield
+    now = launch_env()
+    if now != saved:
+        restore_launch_env(saved)
+        changed = sorted(k for k in set(now) | set(saved) if now.get(k) != saved.get(k))
+        pytest.fail(f"the test left {', '.join(changed)} changed in the environment that "
+                    "later subprocesses inherit; restore it (monkeypatch.setenv/delenv, "
+                    "preserved_launch_env)")
 
 
 def pytest_configure(config):

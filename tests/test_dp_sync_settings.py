@@ -16,13 +16,16 @@ KEYS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_STALL_CHECK_T
 @pytest.fixture
 def clean_env(monkeypatch):
     for key in KEYS:
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so that monkeypatch restores the key on teardown even when
+        # it was unset (delenv of a missing key records nothing to undo).
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     return monkeypatch
 
 
 def test_data_parallel_defaults(clean_env):
     configure_horovod_env(30.0, data_parallel=True, fusion_bytes=4 * 2**20)
-    assert os.environ["HOROVOD_CYCLE_TIME"] == "5"
+    assert os.environ["HOROVOD_CYCLE_TIME"] == "1"
     assert os.environ["HOROVOD_FUSION_THRESHOLD"] == str(4 * 2**20)
     assert os.environ["HOROVOD_STALL_SHUTDOWN_TIME_SECONDS"] == "60"
 

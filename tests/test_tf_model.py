@@ -150,7 +150,9 @@ def groups():
     from hvdllm.common.topology import Topology
     from hvdllm.tensorflow.distributed import init_groups
 
-    return init_groups(Topology(1, 1, 1), MPI.COMM_WORLD, 60.0)
+    from conftest import preserved_launch_env
+    with preserved_launch_env():  # its Horovod settings must not reach later subprocesses
+        yield init_groups(Topology(1, 1, 1), MPI.COMM_WORLD, 60.0)
 
 
 def _engine(groups, micro_batch_size: int, weight_decay: float = 0.1, **parallel):

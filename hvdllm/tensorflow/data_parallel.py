@@ -94,12 +94,14 @@ def allreduce_gradients(grads: Sequence[tf.Tensor], group: Group, hvd: Any,
 class InPlaceSum:
     """Sum a flat float32 gradient tensor over ``group`` in its own memory.
 
-    ``__call__(flat)`` runs one blocking MPI ``Allreduce(IN_PLACE, SUM)`` on
-    the group's communicator over the tensor's buffer, registered as a wait
-    of the hang watchdog, and returns the per-variable gradients: views of
-    the result (``tf.split`` along axis 0 and ``tf.reshape`` share the
-    buffer on the CPU), cut in one traced graph, since one eager reshape per
-    variable would cost more than the split.  The tensor must be a buffer
+    :meth:`sum_` runs one blocking MPI ``Allreduce(IN_PLACE, SUM)`` on the
+    group's communicator over the tensor's buffer, registered as a wait of
+    the hang watchdog.  ``__call__(flat)`` also returns the per-variable
+    gradients: views of the result (``tf.split`` along axis 0 and
+    ``tf.reshape`` share the buffer on the CPU), cut in one traced graph,
+    since one eager reshape per variable would cost more than the split.
+    The trainer skips even that call: its optimizer graph takes the flat
+    sum and cuts it itself (:meth:`split_graph`).  The tensor must be a buffer
     nobody else holds: a fresh output of the gradient graph (a
     concatenation of two or more tensors, or a sum), never a variable's
     value or a constant, in host memory.
@@ -114,13 +116,22 @@ class InPlaceSum:
         self.sizes = [int(s.num_elements()) for s in self.shapes]
         self.numel = sum(self.sizes)
         self.group = group
-        self._split = TracedFunction(self._split_graph)
+        self._split = TracedFunction(self.split_graph)
 
-    def _split_graph(self, flat: tf.Tensor) -> list[tf.Tensor]:
+    def split_graph(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        """The per-variable views of ``flat``, for use inside a ``tf.function``."""
         return [tf.reshape(part, shape)
                 for part, shape in zip(tf.split(flat, self.sizes), self.shapes)]
 
     def __call__(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        return self.split(self.sum_(flat))
+
+    def split(self, flat: tf.Tensor) -> list[tf.Tensor]:
+        """The per-variable views of a flat buffer in this layout (one traced call)."""
+        return list(self._split(flat))
+
+    def sum_(self, flat: tf.Tensor) -> tf.Tensor:
+        """Sum ``flat`` over the group in its own buffer; returns ``flat``, now the sum."""
         if flat.dtype != tf.float32 or tuple(flat.shape) != (self.numel,):
             raise ValueError(f"in-place gradient sum wants float32[{self.numel}], "
                              f"got {flat.dtype.name}{list(flat.shape)}")
@@ -137,7 +148,7 @@ class InPlaceSum:
                                         group.ranks, nbytes=view.nbytes):
             group.comm.Allreduce(MPI.IN_PLACE, [buf, MPI.FLOAT], op=MPI.SUM)
         del view, buf
-        return list(self._split(flat))
+        return flat
 
 
 def broadcast_variables(variables: Sequence[Any], group: Group, hvd: Any, root: int = 0) -> None:

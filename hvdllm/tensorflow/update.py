@@ -172,8 +172,11 @@ class GradientUpdate:
         self._flatten = TracedFunction(flatten_gradients)
         self._allreduce = TracedFunction(self._allreduce_graph)
         self._finite = TracedFunction(self._finite_graph)
+        self._finite_flat = TracedFunction(self._finite_graph)  # traced once per signature
         self._norm_parts = TracedFunction(self._norm_parts_graph)
         self._step = TracedFunction(self._step_graph)
+        self._step_flat = TracedFunction(self._step_flat_graph)
+        self._norm_parts_flat = TracedFunction(self._norm_parts_flat_graph)
 
     @property
     def loss_scale(self) -> float:
@@ -199,6 +202,12 @@ class GradientUpdate:
         self.optimizer.learning_rate.assign(lr)
         self.optimizer.apply([g * coef for g in grads], self.variables)
 
+    def _step_flat_graph(self, flat: tf.Tensor, lr: tf.Tensor, coef: tf.Tensor) -> None:
+        self._step_graph(self._in_place_sum.split_graph(flat), lr, coef)
+
+    def _norm_parts_flat_graph(self, flat: tf.Tensor) -> tf.Tensor:
+        return squared_norm_parts(self._in_place_sum.split_graph(flat), self.variables)
+
     def _dense(self, grads: Sequence[Any]) -> list[tf.Tensor]:
         if len(grads) != len(self.variables):
             raise ValueError(f"{len(grads)} gradients for {len(self.variables)} variables")
@@ -217,16 +226,16 @@ class GradientUpdate:
             grads: this rank's gradients, one per variable (None: zeros);
                 with :attr:`in_place` also one flat float32 tensor of them
                 all (:func:`~hvdllm.tensorflow.data_parallel.flatten_gradients`),
-                a fresh output of the gradient graph that this call may
-                overwrite.
+                a fresh output of the gradient graph that this call
+                overwrites with the sum and returns: :meth:`apply` takes it
+                as it is.
         """
         if self.in_place:
             start = link_throttle.clock()  # HVDLLM_SIM_LINK_GBPS: a simulated slow link
-            if isinstance(grads, tf.Tensor):
-                flat = grads
+            if isinstance(grads, tf.Tensor):  # flat in, flat out: apply cuts it in its graph
+                grads = self._in_place_sum.sum_(grads)
             else:
-                flat = self._flatten(self._dense(grads))
-            grads = self._in_place_sum(flat)
+                grads = self._in_place_sum(self._flatten(self._dense(grads)))
             link_throttle.settle(start, self._dense_bytes)
             return grads
         if isinstance(grads, tf.Tensor):
@@ -252,14 +261,20 @@ class GradientUpdate:
 
         Args:
             grads: the output of :meth:`reduce` (after the engine's own
-                layout reductions), scaled by :attr:`loss_scale`.
+                layout reductions), scaled by :attr:`loss_scale`: a list, or
+                with :attr:`in_place` the flat summed buffer, which the
+                optimizer graph cuts into per-variable views itself.
             lr: this step's learning rate.
         """
-        grads = self._dense(grads)
+        flat = isinstance(grads, tf.Tensor)
+        if flat and not self.in_place:
+            raise ValueError("flat gradients are only taken by the in-place DP sum")
+        grads = [grads] if flat else self._dense(grads)
         scale = self.precision.scale
         found_inf = False
         if self.precision.loss_scale is not None:
-            found_inf = self.precision.found_inf(not bool(self._finite(grads)))
+            finite = (self._finite_flat if flat else self._finite)(grads)
+            found_inf = self.precision.found_inf(not bool(finite))
         info = StepInfo(applied=not found_inf)
         if not found_inf:
             inv = self._grad_factor / scale  # the in-place sum's 1/dp comes in here
@@ -268,13 +283,17 @@ class GradientUpdate:
             else:
                 coef = inv
                 if self.grad_clip > 0:
-                    sharded, replicated = (float(x) * inv * inv
-                                           for x in self._norm_parts(grads).numpy())
+                    parts = self._norm_parts_flat(grads[0]) if flat else self._norm_parts(grads)
+                    sharded, replicated = (float(x) * inv * inv for x in parts.numpy())
                     norm = combine_squared_norms(sharded, replicated, self.groups.tp,
                                                  self.groups.pp) ** 0.5
                     coef = inv * clip_coefficient(norm, self.grad_clip)
                     info.grad_norm = norm
-                self._step(grads, tf.constant(lr, tf.float32), tf.constant(coef, tf.float32))
+                lr_t, coef_t = tf.constant(lr, tf.float32), tf.constant(coef, tf.float32)
+                if flat:
+                    self._step_flat(grads[0], lr_t, coef_t)
+                else:
+                    self._step(grads, lr_t, coef_t)
         if found_inf and self.compressor is not None:
             self.compressor.forget_nonfinite()  # the overflow must not live on in its state
         self.precision.update(found_inf)

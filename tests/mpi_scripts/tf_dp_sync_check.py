@@ -47,10 +47,23 @@ numel = sum(int(np.prod(v.shape)) for v in update.variables)
 flat = tf.constant(rng.normal(size=numel).astype(np.float32)) + 0.0  # a buffer of our own
 both = gathered([flat.numpy()])
 want_sum = both[0][0] + both[1][0]
-parts = update.reduce(flat)
-assert np.array_equal(flat.numpy(), want_sum), "the flat buffer was not summed in place"
+summed = update.reduce(flat)  # flat in, flat out: the optimizer graph cuts it
+assert summed is flat and np.array_equal(flat.numpy(), want_sum), \
+    "the flat buffer was not summed in place"
+before = [v.numpy().copy() for v in update.variables]
+update.apply(summed, 0.5)
+step = np.concatenate([(b - v.numpy()).ravel() for b, v in zip(before, update.variables)])
+np.testing.assert_allclose(step, 0.5 * want_sum / 2, rtol=1e-5, atol=1e-7)
+# A list in (callers other than the trainer): per-variable views of the sum.
+update = engine_mod.build_engine(build_config({}, TINY + ["train.optimizer=sgd", "train.lr=0.5",
+                                                          "train.weight_decay=0",
+                                                          "train.grad_clip=0"]),
+                                 groups, threads=1).update
+flat = tf.constant(rng.normal(size=numel).astype(np.float32)) + 0.0
+want_sum = sum(g[0] for g in gathered([flat.numpy()]))
+parts = update.reduce(update._in_place_sum.split(flat))
 got = np.concatenate([p.numpy().ravel() for p in parts])
-assert np.array_equal(got, want_sum)
+np.testing.assert_allclose(got, want_sum, rtol=1e-6)
 assert [tuple(p.shape) for p in parts] == [tuple(v.shape) for v in update.variables]
 before = [v.numpy().copy() for v in update.variables]
 update.apply(parts, 0.5)
