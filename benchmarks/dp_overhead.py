@@ -18,10 +18,10 @@ For each framework it measures, in one run, each hvdllm figure against a peer:
    ``DistributedDataParallel`` on gloo with ``no_sync()`` accumulation, same
    model, micro-batches and threads per rank.  Target: <= 0.97.
 
-``--diagnose`` adds what-if rows without a target, which help explain the
-misses (see ``docs/benchmarks.md``): the sync of one flat gradient buffer
-summed in place, and hvdllm's engine with the Horovod settings of
-``WHAT_IF_ENV`` below instead of hvdllm's defaults.
+``--diagnose`` adds rows without a target, which help explain the misses
+(see ``docs/benchmarks.md``): the sync against an in-place raw MPI
+allreduce, and (torch) hvdllm's engine with its buckets sent through
+Horovod (``WHAT_IF_ENV`` below) instead of in-place MPI.
 ``--quick`` runs a tiny model with few trials, as a smoke test.
 ``--scaling`` replaces the rows by the gradient sync alone against raw MPI
 at 4 ranks (oversubscribed on a small machine) and for a model of about 50M
@@ -101,9 +101,10 @@ SCALING_WORLD = 4
 LARGE = dict(FULL, n_layer=16, d_model=512, n_head=8, seq_len=64, micro_batch=1,
              setup_steps=1)
 
-#: Environment of the "5 ms cycle" what-if rows of --diagnose: the cycle time
-#: hvdllm used before it reduced in place (it now keeps Horovod's 1 ms).
-WHAT_IF_ENV = {"HOROVOD_CYCLE_TIME": "5"}
+#: Environment of the torch "horovod transport" what-if rows of --diagnose:
+#: the gradient buckets go through Horovod (its 1 ms cycle), as before hvdllm
+#: summed host buckets with MPI directly.
+WHAT_IF_ENV = {"HVDLLM_DP_TRANSPORT": "horovod"}
 
 SETUP_TIMEOUT_SEC = 420.0
 TURN_TIMEOUT_SEC = 180.0
@@ -368,23 +369,21 @@ def plan(framework: str, preset: dict[str, Any], log_dir: Path,
         comps.append(Comparison(fw, "dp=2 step", engine2, "step", [ddp], "step",
                                 "DistributedDataParallel (gloo), no_sync", STEP_TARGET))
     if diagnose:
-        other = Job(f"{fw}.engine2.what_if", f"{fw}.engine2", 2, s2, log_dir,
-                    extra_env=WHAT_IF_ENV)
-        jobs.append(other)
         comps += [
             Comparison(fw, "sync vs in-place MPI", engine2, "sync", [allreduce],
                        "allreduce_inplace", "raw mpi4py Allreduce(IN_PLACE)", None,
                        reps=sync_reps),
-            Comparison(fw, "what-if: flat sync", engine2, "sync_flat", [allreduce], "allreduce",
-                       "raw mpi4py Allreduce", None, reps=sync_reps),
-            Comparison(fw, "what-if: 5ms cycle sync", [other], "sync", [allreduce], "allreduce",
-                       "raw mpi4py Allreduce", None, reps=sync_reps),
-            Comparison(fw, "what-if: 5ms cycle flat", [other], "sync_flat", [allreduce],
-                       "allreduce", "raw mpi4py Allreduce", None, reps=sync_reps),
         ]
         if fw == "torch":
-            comps.append(Comparison(fw, "what-if: 5ms cycle step", [other], "step", [ddp], "step",
-                                    "DistributedDataParallel (gloo), no_sync", None))
+            other = Job(f"{fw}.engine2.what_if", f"{fw}.engine2", 2, s2, log_dir,
+                        extra_env=WHAT_IF_ENV)
+            jobs.append(other)
+            comps += [
+                Comparison(fw, "what-if: horovod sync", [other], "sync", [allreduce],
+                           "allreduce", "raw mpi4py Allreduce", None, reps=sync_reps),
+                Comparison(fw, "what-if: horovod step", [other], "step", [ddp], "step",
+                           "DistributedDataParallel (gloo), no_sync", None),
+            ]
     return jobs, comps
 
 
@@ -536,11 +535,8 @@ def print_table(rows: list[dict[str, Any]], preset: dict[str, Any], num_params: 
         print(f"  {r['framework']} {r['measurement']}: {r['peer']}{extra}")
     if any(r["result"] == "info" for r in rows):
         print("what-if rows (--diagnose; not hvdllm as it stands, no target):")
-        print("  flat sync: one in-place Horovod Sum over a single flat buffer of every "
-              "gradient, no copies, no scaling")
-        print("  5ms cycle: hvdllm's engine run with " + " ".join(f"{k}={v}" for k, v in
-                                                              WHAT_IF_ENV.items())
-              + "; '5ms cycle flat' is the flat sync in that job")
+        print("  horovod: hvdllm's torch engine run with " + " ".join(
+            f"{k}={v}" for k, v in WHAT_IF_ENV.items()) + " (its buckets through Horovod)")
     print(f"times: medians of n timed samples per side: {p['trials']} turns after "
           f"{p['warmup']} warm-up turns; a turn times each side once, alternating which goes "
           f"first, in each pair of processes ({p['replicas_world1']} launches of each side at "

@@ -29,6 +29,7 @@ class _EngineSide:
     world = 1
 
     def __init__(self, settings: dict[str, Any]):
+        from hvdllm.common.launch import horovod_carries_gradients
         from hvdllm.common.topology import Topology
         from hvdllm.tensorflow.distributed import init_groups
         from hvdllm.tensorflow.engine import build_engine
@@ -37,7 +38,9 @@ class _EngineSide:
         world = settings.get("world", self.world)  # --scaling runs this side at 4 ranks
         n_threads = threads(comm)
         cfg = hvdllm_config(settings, world, "tensorflow")
-        self.groups = init_groups(Topology(world), comm, 300.0)
+        # Horovod's cycle as `hvdllm train` sets it for this config.
+        self.groups = init_groups(Topology(world), comm, 300.0,
+                                  horovod_dp=horovod_carries_gradients(cfg.train, "tensorflow"))
         self.engine = build_engine(cfg, self.groups, threads=n_threads)
         self.lr = settings["lr"]
         self.batches = micro_batches(settings, comm.Get_rank())
@@ -78,14 +81,10 @@ class Engine2Side(_EngineSide):
         # the sum overwrites: each turn gets a fresh copy (untimed, in prepare).
         self._hand_over_flat = engine.update.in_place and engine._flat_grads
         self._grads_in = self._fresh_grads()
-        hvd, process_set = engine.hvd, engine.groups.dp.process_set
-        self._allreduce_flat = tf.function(
-            lambda flat: hvd.allreduce(flat, op=hvd.Sum, process_set=process_set))
-        for _ in range(2):  # trace, and let Horovod cache the responses
+        for _ in range(2):  # trace
             self.sync()
-            self.sync_flat()
+            self._grads_in = self._fresh_grads()
         self.ops["sync"] = self.sync
-        self.ops["sync_flat"] = self.sync_flat
 
     def _fresh_grads(self) -> Any:
         if self._hand_over_flat:
@@ -103,19 +102,12 @@ class Engine2Side(_EngineSide):
         returns: with the in-place sum one flat float32 buffer (the graph
         already wrote the gradients so), else a list of tensors.  Here it
         runs on gradients computed once in advance, so no compute overlaps
-        it; the call returns when the per-variable gradients (views of the
-        summed buffer) exist.  The 1/dp of the average costs nothing here:
+        it; the call returns when the summed buffer is ready for the
+        optimizer's graph, which cuts it into per-variable views itself (in
+        the step, not here).  The 1/dp of the average costs nothing here:
         the optimizer step multiplies by it together with the unscaling.
         """
         self.engine.update.reduce(self._grads_in)
-
-    def sync_flat(self) -> None:
-        """Not hvdllm's path: one Horovod Sum over a prebuilt flat tensor (``--diagnose``).
-
-        No packing, unpacking or scaling pass; Horovod's TensorFlow op still
-        writes its result into a new tensor.
-        """
-        self._allreduce_flat(self.flat)
 
 
 class Plain1Side:

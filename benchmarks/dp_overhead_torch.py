@@ -10,7 +10,7 @@ of intra-op threads (``hvdllm.common.launch.threads_per_rank``).
   op ``step``.
 * ``engine2``: hvdllm's engine at dp=2, ops ``step`` (a whole
   ``train_step``) and ``sync`` (the gradient sync alone, see
-  :meth:`Engine2Side.sync`); ``sync_flat`` is a what-if for ``--diagnose``.
+  :meth:`Engine2Side.sync`).
 * ``ddp2``: ``DistributedDataParallel`` on gloo, ``no_sync()`` on all but the
   last micro-batch, op ``step``.
 """
@@ -46,6 +46,7 @@ class _EngineSide:
     world = 1
 
     def __init__(self, settings: dict[str, Any]):
+        from hvdllm.common.launch import horovod_carries_gradients
         from hvdllm.common.topology import Topology
         from hvdllm.torch.distributed import init_groups
         from hvdllm.torch.engine import build_engine
@@ -55,7 +56,9 @@ class _EngineSide:
         n_threads = threads(comm)
         os.environ.setdefault("OMP_NUM_THREADS", str(n_threads))
         cfg = hvdllm_config(settings, world, "torch")
-        self.groups = init_groups(Topology(world), comm, 300.0)
+        # Horovod's cycle as `hvdllm train` sets it for this config.
+        self.groups = init_groups(Topology(world), comm, 300.0,
+                                  horovod_dp=horovod_carries_gradients(cfg.train, "torch"))
         self.engine = build_engine(cfg, self.groups, threads=n_threads)
         self.lr = settings["lr"]
         self.batches = micro_batches(settings, comm.Get_rank())
@@ -85,9 +88,6 @@ class Engine2Side(_EngineSide):
     def __init__(self, settings: dict[str, Any]):
         super().__init__(settings)
         self.ops["sync"] = self.sync
-        # What-if for --diagnose: every gradient in one contiguous buffer, summed in place.
-        self.flat = torch.cat([p.grad.reshape(-1) for _, p in self.engine.update.sync.params])
-        self.ops["sync_flat"] = self.sync_flat
 
     def sync(self) -> None:
         """hvdllm's gradient sync of a whole step with no compute left to overlap.
@@ -95,24 +95,11 @@ class Engine2Side(_EngineSide):
         After any ``train_step`` every parameter holds a gradient and no
         allreduce is in flight.  ``GradientSync.wait()`` then starts every
         part of the step's gradient allreduce that the backward hooks would
-        have started (here: all of it, under the same Horovod names as in
-        training) and waits for it, including any copies in and out of
-        buffers it makes: the hooks' path in training, minus the backward
-        pass that hides part of it.
+        have started (here: all of it, over the transport training uses) and
+        waits for it: the hooks' path in training, minus the backward pass
+        that hides part of it.
         """
         self.engine.update.sync.wait()
-
-    def sync_flat(self) -> None:
-        """Not hvdllm's path: one in-place Horovod Sum over a single flat gradient buffer.
-
-        This is what gradients living in one contiguous buffer would pay,
-        with the 1/dp average folded into the loss scale: no copies into or
-        out of bucket or fusion buffers and no separate scaling pass.
-        Shown by ``--diagnose`` only.
-        """
-        hvd = self.engine.update.sync.hvd
-        hvd.synchronize(hvd.allreduce_async_(self.flat, op=hvd.Sum, name="bench.flat_grads",
-                                             process_set=self.groups.dp.process_set))
 
 
 class Plain1Side:

@@ -7,7 +7,7 @@ import pytest
 
 from hvdllm.common.config import build_config
 from hvdllm.common.errors import ConfigError
-from hvdllm.common.launch import configure_horovod_env
+from hvdllm.common.launch import configure_horovod_env, horovod_carries_gradients
 
 KEYS = ("HOROVOD_CYCLE_TIME", "HOROVOD_FUSION_THRESHOLD", "HOROVOD_STALL_CHECK_TIME_SECONDS",
         "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS")
@@ -59,3 +59,29 @@ def test_reduce_op_config():
     with pytest.raises(ConfigError, match="power of two, got 3"):
         build_config({}, ["train.reduce_op=adasum", "parallel.dp=3",
                           "train.global_batch_size=6", "train.micro_batch_size=2"])
+
+
+@pytest.mark.parametrize("sets,framework,want", [
+    ([], "torch", False),  # the dense average of host gradients: in-place MPI
+    ([], "tensorflow", False),
+    (["train.compression=fp16"], "torch", True),
+    (["train.compression=powersgd"], "tensorflow", True),
+    (["train.zero=1"], "torch", True),
+    (["train.reduce_op=adasum"], "torch", True),
+])
+def test_horovod_carries_gradients_only_off_the_in_place_path(clean_env, sets, framework, want):
+    clean_env.delenv("HVDLLM_DP_TRANSPORT", raising=False)
+    train = build_config({}, sets).train
+    assert horovod_carries_gradients(train, framework) is want
+
+
+def test_forced_horovod_transport(clean_env):
+    clean_env.setenv("HVDLLM_DP_TRANSPORT", "horovod")
+    train = build_config({}, []).train
+    assert horovod_carries_gradients(train, "torch")
+    assert not horovod_carries_gradients(train, "tensorflow")  # TF has no such switch
+    from hvdllm.torch.data_parallel import dp_transport
+    assert dp_transport() == "horovod"
+    clean_env.setenv("HVDLLM_DP_TRANSPORT", "nccl")
+    with pytest.raises(ValueError, match="HVDLLM_DP_TRANSPORT='nccl' is not one of auto, horovod"):
+        dp_transport()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import horovodrun_prefix, mpirun_prefix, run, run_ok
+from conftest import base_env, horovodrun_prefix, mpirun_prefix, run, run_ok
 
 pytestmark = pytest.mark.multirank
 SCRIPTS = Path(__file__).parent / "mpi_scripts"
@@ -63,15 +63,24 @@ def test_stalled_peer_becomes_an_error(framework):
     assert ended - waited < 30, ended - waited
 
 
-def test_torch_allreduce_overlaps_backward_and_skips_accumulation():
-    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_check.py")], timeout=120)
+@pytest.mark.parametrize("transport", ["mpi", "horovod"])
+def test_torch_allreduce_overlaps_backward_and_skips_accumulation(transport):
+    env = base_env()
+    if transport == "horovod":
+        env["HVDLLM_DP_TRANSPORT"] = "horovod"
+    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_check.py"), transport],
+                 timeout=120, env=env)
     assert res.stdout.count("torch dp checks passed") == 2
 
 
-@pytest.mark.parametrize("op", ["average", "adasum"])
-def test_torch_dp_gradients_are_the_reduction_of_local_gradients(op):
-    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_grads.py"), op],
-                 timeout=120)
+@pytest.mark.parametrize("op,transport", [("average", "mpi"), ("average", "horovod"),
+                                          ("adasum", "horovod")])
+def test_torch_dp_gradients_are_the_reduction_of_local_gradients(op, transport):
+    env = base_env()
+    if transport == "horovod" and op == "average":
+        env["HVDLLM_DP_TRANSPORT"] = "horovod"
+    res = run_ok(mpirun_prefix(2) + [sys.executable, str(SCRIPTS / "torch_dp_grads.py"), op,
+                                     transport], timeout=120, env=env)
     assert res.stdout.count(f"torch dp grads {op} passed") == 2, res.stdout[-2000:]
 
 

@@ -159,8 +159,28 @@ def start_horovod(hvd: Any, comm: Any, process_sets: Any, timeout: float | None,
     return timeout_sec
 
 
+def horovod_carries_gradients(train: Any, framework: str) -> bool:
+    """Whether the trainer's data-parallel gradients travel through Horovod.
+
+    The dense average of host gradients (the default) is summed with MPI
+    directly by both engines (torch: ``GradientSync``'s in-place transport;
+    TensorFlow: ``InPlaceSum``), so Horovod's background thread has no
+    gradients to negotiate and can keep its idle cycle.  Compression,
+    ZeRO-1, Adasum and ``HVDLLM_DP_TRANSPORT=horovod`` (torch) go through
+    Horovod.
+
+    Args:
+        train: the ``train`` section of the config.
+        framework: "torch" or "tensorflow".
+    """
+    forced = (framework == "torch"
+              and os.environ.get("HVDLLM_DP_TRANSPORT", "").strip().lower() == "horovod")
+    return (train.compression != "none" or bool(train.zero) or train.reduce_op != "average"
+            or forced)
+
+
 def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float,
-                        fusion_bytes: int | None = None) -> Any:
+                        fusion_bytes: int | None = None, horovod_dp: bool = True) -> Any:
     """Initialise Horovod with one process set per multi-rank group; build the groups.
 
     Framework-free: ``hvd`` is the framework's Horovod module
@@ -175,14 +195,17 @@ def init_horovod_groups(hvd: Any, topology: Any, comm: Any, timeout_sec: float,
             shutdown included.
         fusion_bytes: Horovod's fusion threshold with dp > 1 (see
             :func:`configure_horovod_env`); None keeps Horovod's.
+        horovod_dp: whether Horovod carries data-parallel gradients (see
+            :func:`horovod_carries_gradients`); False keeps its idle cycle
+            even with dp > 1.
 
     Returns:
         This rank's :class:`~hvdllm.common.topology.ParallelGroups`.
     """
     from .topology import build_groups
 
-    configure_horovod_env(timeout_sec, data_parallel=topology.dp > 1,
-                          fusion_bytes=fusion_bytes if topology.dp > 1 else None)
+    dp = topology.dp > 1 and horovod_dp
+    configure_horovod_env(timeout_sec, data_parallel=dp, fusion_bytes=fusion_bytes if dp else None)
     psets = {ranks: hvd.ProcessSet(list(ranks)) for ranks in topology.process_set_ranks()}
     world = tuple(range(comm.Get_size()))
     with watchdog.current().waiting("Horovod start-up (hvd.init)", "world", world):

@@ -17,11 +17,25 @@ On the earlier micro-batches no communication happens at all.
 
 The default reduction is a ``Sum``: the engine folds the 1/dp of the
 average into the loss it back-propagates (:attr:`GradientSync.loss_factor`),
-which saves Horovod a scaling pass over every gradient.  ``op="adasum"``
-uses Horovod's Adasum instead, on gradients that are not pre-scaled.
+which saves a scaling pass over every gradient.  ``op="adasum"`` uses
+Horovod's Adasum instead, on gradients that are not pre-scaled.
+
+Transport.  Buckets in host memory (float32 or float64) are summed by MPI
+directly, ``Allreduce(IN_PLACE)`` on a duplicate of the group's
+communicator, run by one communication thread in the order the buckets
+become ready (:class:`_InPlaceMpiReducer`).  Horovod would move the same
+bytes with the same MPI call, but each bucket first waits for its
+background thread's next cycle and a negotiation round; on CPU that cost
+alone made the sync 1.7-2.2x a raw MPI allreduce of the same bytes
+(docs/benchmarks.md).  Buckets in GPU memory, and Adasum, go through
+Horovod (NCCL, its Adasum); ``HVDLLM_DP_TRANSPORT=horovod`` forces
+Horovod for every bucket.
 """
 from __future__ import annotations
 
+import os
+import queue
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterable, Iterator
 
@@ -33,6 +47,68 @@ from ..common.compression import REDUCE_OPS
 from ..common.watchdog import wait_horovod
 
 DEFAULT_BUCKET_BYTES = 4 * 2**20
+TRANSPORT_ENV = "HVDLLM_DP_TRANSPORT"
+TRANSPORTS = ("auto", "horovod")
+_MPI_DTYPES = (torch.float32, torch.float64)
+
+
+def dp_transport() -> str:
+    """``$HVDLLM_DP_TRANSPORT``: "auto" (MPI for host buckets, the default) or "horovod"."""
+    value = os.environ.get(TRANSPORT_ENV, "auto").strip().lower() or "auto"
+    if value not in TRANSPORTS:
+        raise ValueError(f"{TRANSPORT_ENV}={value!r} is not one of {', '.join(TRANSPORTS)}")
+    return value
+
+
+class _Pending:
+    """One bucket's allreduce on the communication thread."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.error: BaseException | None = None
+
+
+class _InPlaceMpiReducer:
+    """Sums flat host buffers over a communicator, one at a time, on its own thread.
+
+    The communicator is a duplicate of the group's, so these collectives
+    never interleave with others the main thread runs on the group.  Every
+    rank submits the same buckets in the same order (bucket readiness
+    follows the model's structure, identical on every rank); MPI matches
+    them in that order.
+    """
+
+    def __init__(self, comm: Any):
+        self.comm = comm.Dup()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="hvdllm-dp-allreduce",
+                                        daemon=True)
+        self._thread.start()
+
+    def submit(self, flat: torch.Tensor) -> _Pending:
+        pending = _Pending()
+        self._queue.put((flat, pending))
+        return pending
+
+    def _run(self) -> None:
+        from mpi4py import MPI
+
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            flat, pending = item
+            try:
+                self.comm.Allreduce(MPI.IN_PLACE, flat.numpy(), op=MPI.SUM)
+            except BaseException as exc:  # handed to the waiting main thread
+                pending.error = exc
+            pending.done.set()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+            self.comm.Free()
 
 
 class _Bucket:
@@ -53,7 +129,7 @@ class _Bucket:
 
 
 class GradientSync:
-    """Reduce gradients of ``named_parameters`` across ``group`` with Horovod.
+    """Reduce gradients of ``named_parameters`` across ``group``, overlapped with backward.
 
     With a group of more than one rank, every parameter's ``.grad`` becomes
     a view into a bucket buffer at construction (any gradient it held is
@@ -62,7 +138,8 @@ class GradientSync:
 
     Args:
         named_parameters: (name, parameter) pairs, identical on every rank.
-        group: the data-parallel group; its ``process_set`` is used.
+        group: the data-parallel group; its ``comm`` (MPI transport) or
+            ``process_set`` (Horovod) is used.
         hvd: the ``horovod.torch`` module.
         bucket_bytes: target size of one allreduce.
         op: "average" (Horovod ``Sum`` of gradients whose loss was
@@ -82,9 +159,15 @@ class GradientSync:
         self._bucket_of: dict[int, _Bucket] = {}
         self._enabled = False
         self._hooks = []
+        self._mpi: _InPlaceMpiReducer | None = None
         if group.size > 1:
             self._hvd_op = hvd.Adasum if op == "adasum" else hvd.Sum
             self._build_buckets(bucket_bytes)
+            if (op == "average" and dp_transport() == "auto"
+                    and getattr(group, "comm", None) is not None
+                    and all(b.flat.device.type == "cpu" and b.flat.dtype in _MPI_DTYPES
+                            for b in self.buckets)):
+                self._mpi = _InPlaceMpiReducer(group.comm)
             with torch.no_grad():
                 for bucket in self.buckets:
                     for (_, p), view in zip(bucket.params, bucket.views):
@@ -154,10 +237,19 @@ class GradientSync:
                 view, op=self._hvd_op, name=f"dp.grad.{name}",
                 process_set=self.group.process_set)
                 for (name, _), view in zip(bucket.params, bucket.views)]
+        elif self._mpi is not None:
+            bucket.handle = [self._mpi.submit(bucket.flat)]
         else:
             bucket.handle = [self.hvd.allreduce_async_(
                 bucket.flat, op=self._hvd_op, name=f"dp.grad.bucket{bucket.index}",
                 process_set=self.group.process_set)]
+
+    @property
+    def transport(self) -> str:
+        """"mpi" (in-place MPI on a communication thread), "horovod", or "none" (dp = 1)."""
+        if not self.buckets:
+            return "none"
+        return "mpi" if self._mpi is not None else "horovod"
 
     @contextmanager
     def sync(self) -> Iterator[None]:
@@ -177,18 +269,33 @@ class GradientSync:
         for bucket in self.buckets:
             if bucket.handle is None:
                 self._start(bucket)
+        wd = watchdog.current()
+        group = self.group
         with torch.no_grad():
             for bucket in self.buckets:
+                nbytes = bucket.flat.numel() * bucket.flat.element_size()
                 for handle in bucket.handle:
-                    wait_horovod(self.hvd, handle,
-                                 f"dp gradient allreduce (bucket {bucket.index})", self.group,
-                                 bucket.flat.numel() * bucket.flat.element_size())
+                    if isinstance(handle, _Pending):
+                        with wd.waiting(f"dp gradient allreduce (bucket {bucket.index}, in "
+                                        f"place, MPI)", group.kind, group.ranks, nbytes=nbytes):
+                            handle.done.wait()
+                        if handle.error is not None:
+                            bucket.handle, bucket.ready = None, 0
+                            raise handle.error
+                    else:
+                        wait_horovod(self.hvd, handle,
+                                     f"dp gradient allreduce (bucket {bucket.index})", group,
+                                     nbytes)
                 bucket.handle, bucket.ready = None, 0
 
     def remove(self) -> None:
+        """Detach the hooks and stop the communication thread (call on every rank)."""
         for h in self._hooks:
             h.remove()
         self._hooks.clear()
+        if self._mpi is not None:
+            self._mpi.close()
+            self._mpi = None
 
 
 def broadcast_module(module: torch.nn.Module, group: Group, hvd: Any, root: int = 0) -> None:

@@ -16,14 +16,17 @@ def import_horovod() -> Any:
     return hvd
 
 
-def init_groups(topology: Topology, comm: Any, timeout_sec: float) -> ParallelGroups:
+def init_groups(topology: Topology, comm: Any, timeout_sec: float,
+                horovod_dp: bool = True) -> ParallelGroups:
     """Initialise Horovod for torch and build this rank's groups (collective).
 
-    Horovod's fusion threshold is set to the data-parallel bucket size, so
-    that it reduces every full bucket in place (see
+    When Horovod carries the data-parallel gradients (``horovod_dp``; the
+    trainer passes :func:`hvdllm.common.launch.horovod_carries_gradients`),
+    its fusion threshold is the bucket size, so that it reduces every full
+    bucket in place, and its cycle is the short data-parallel one (see
     :func:`hvdllm.common.launch.configure_horovod_env`).
     """
     from .data_parallel import DEFAULT_BUCKET_BYTES
 
     return init_horovod_groups(import_horovod(), topology, comm, timeout_sec,
-                               fusion_bytes=DEFAULT_BUCKET_BYTES)
+                               fusion_bytes=DEFAULT_BUCKET_BYTES, horovod_dp=horovod_dp)

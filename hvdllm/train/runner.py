@@ -28,8 +28,8 @@ from ..common.config import Config, to_toml
 from ..common.data import eval_micro_batches, load_datasets
 from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
-from ..common.launch import (check_launcher, cores_allowed, local_size, threads_per_rank,
-                             world_comm)
+from ..common.launch import (check_launcher, cores_allowed, horovod_carries_gradients,
+                             local_size, threads_per_rank, world_comm)
 from ..common.metrics import MetricsWriter, _summary_writer_class
 from ..common.topology import Topology, describe
 from ..common.watchdog import Watchdog
@@ -111,7 +111,9 @@ def train(cfg: Config) -> TrainSummary:
         print(f"hvdllm: warning: rank 0 is bound to {cores_allowed()} core(s) but its share of "
               f"this host is {share}; it uses {threads} thread(s). Give each rank its cores "
               f"(mpirun --map-by slot:PE={share}, or --bind-to none)", flush=True)
-    groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec)
+    groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec,
+                                  horovod_dp=horovod_carries_gradients(cfg.train,
+                                                                       cfg.train.framework))
     if dog is not None:
         dog.restart()
     resume = choose_resume(cfg, groups)

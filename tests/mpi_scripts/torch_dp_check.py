@@ -5,6 +5,8 @@ last micro-batch's allreduces start from inside backward() (overlap), one
 per gradient bucket, with several buckets when they are small, and (c)
 parameters stay identical across ranks after steps on different data.
 """
+import sys
+
 import numpy as np
 from mpi4py import MPI
 
@@ -27,17 +29,31 @@ n_buckets = len(eng.update.sync.buckets)
 assert n_buckets >= 4, n_buckets
 assert sum(len(b.params) for b in eng.update.sync.buckets) == len(list(eng.model.parameters()))
 
+sync = eng.update.sync
+# Host buckets go over in-place MPI on the sync's thread unless
+# HVDLLM_DP_TRANSPORT=horovod (sys.argv[1] says which this run expects).
+want = sys.argv[1] if len(sys.argv) > 1 else "mpi"
+assert sync.transport == want, (sync.transport, want)
 events = []
 phase = {"micro": None, "in_backward": False}
-original = hvd.allreduce_async_
 
 
-def counting_allreduce(*args, **kwargs):
-    events.append((phase["micro"], phase["in_backward"]))
-    return original(*args, **kwargs)
+def counting(original):
+    def call(*args, **kwargs):
+        events.append((phase["micro"], phase["in_backward"]))
+        return original(*args, **kwargs)
+    return call
 
 
-hvd.allreduce_async_ = counting_allreduce
+def forbidden(*args, **kwargs):
+    raise AssertionError(f"a gradient bucket left the {want} transport")
+
+
+if want == "mpi":
+    sync._mpi.submit = counting(sync._mpi.submit)
+    hvd.allreduce_async_ = forbidden
+else:
+    hvd.allreduce_async_ = counting(hvd.allreduce_async_)
 loss_cls = type(eng.model)
 orig_loss = loss_cls.loss
 

@@ -29,6 +29,8 @@ groups = init_groups(Topology(size), comm, 60.0)
 eng = engine_mod.build_engine(cfg, groups, threads=1)
 sync = eng.update.sync
 assert sync is not None and sync.op == op
+if len(sys.argv) > 2:  # the transport this run expects ("mpi" or "horovod")
+    assert sync.transport == sys.argv[2], (sync.transport, sys.argv[2])
 rng = np.random.default_rng(100 + rank)
 
 
