@@ -5,7 +5,7 @@
 
 For each dp (ranks on this host, ``mpirun -np DP --oversubscribe``) and
 each CPU binding of the ranks (``mpirun --bind-to core``: each rank, its
-compute thread and Horovod's background thread share one core; ``none``:
+compute thread and the gradient communication thread share one core; ``none``:
 the OS may run any thread on any core), a worker builds the demo model
 (``configs/demo.toml``, global batch 16, so 16/dp sequences a rank) and,
 per gradient-bucket size, a :class:`~hvdllm.torch.data_parallel.GradientSync`
