@@ -6,6 +6,8 @@
     hvdllm plot RUN_DIR [RUN_DIR ...] --out FILE.png [--title T]
     hvdllm tokenizer train CORPUS... --vocab-size N --out DIR
     hvdllm prepare CORPUS... --tokenizer T --out DIR [--workers N]
+    hvdllm plan --config FILE.toml --world N [--memory-per-rank GB] [--calibrate]
+    hvdllm timeline RUN_DIR [--out FILE.json]
     hvdllm info
 
 ``train`` runs as a single process, under ``horovodrun -np N -H localhost:N``
@@ -18,7 +20,7 @@ import argparse
 import os
 import sys
 
-from . import __version__, cli_data
+from . import __version__, cli_data, cli_plan
 from .common.errors import HvdllmError
 
 EXIT_USAGE = 2
@@ -38,7 +40,9 @@ def _parser() -> argparse.ArgumentParser:
                "  hvdllm generate --checkpoint runs/demo --prompt 'Once upon a time'\n"
                "  hvdllm plot runs/demo runs/other --out curves.png\n"
                "  hvdllm tokenizer train corpus/ --vocab-size 4096 --out tok/\n"
-               "  hvdllm prepare corpus/ --tokenizer tok/ --out prepared/")
+               "  hvdllm prepare corpus/ --tokenizer tok/ --out prepared/\n"
+               "  hvdllm plan --config configs/example.toml --world 8 --hardware a100-80g\n"
+               "  hvdllm timeline runs/demo")
     parser.add_argument("--version", action="version", version=f"hvdllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model from a TOML config")
@@ -89,6 +93,7 @@ def _parser() -> argparse.ArgumentParser:
     plot.add_argument("--out", required=True, metavar="FILE.png", help="image to write")
     plot.add_argument("--title", help="title above the plots")
     cli_data.add_parsers(sub)
+    cli_plan.add_parsers(sub)
     sub.add_parser("info", help="print versions and what Horovod was built with")
     return parser
 
@@ -183,6 +188,11 @@ def main(argv: list[str] | None = None) -> int:
             return _report(exc)
         print(f"wrote {args.out}: {len(runs)} run(s)")
         return 0
+    if args.command in cli_plan.COMMANDS:
+        try:
+            return cli_plan.run(args)
+        except HvdllmError as exc:
+            return _report(exc)
     if args.command in cli_data.COMMANDS:
         try:
             return cli_data.run(args)
