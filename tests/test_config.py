@@ -183,6 +183,10 @@ def test_pipeline_layout_checked_at_config_time(overrides, pattern):
     (["train.precision=fp8"], r"train.precision = 'fp8' is not one of"),
     (["train.grad_clip=-1"], r"train.grad_clip must be >= 0"),
     (["train.optimizer=adam_w"], r"unknown train.optimizer 'adam_w' \(did you mean 'adamw'\?\)"),
+    (["train.profile_steps=[3, 2]"], r"train.profile_steps must be \[first, last\]"),
+    (["train.profile_steps=[1]"], r"train.profile_steps must be \[first, last\]"),
+    (["train.profile_steps=2"], r"'train.profile_steps' expects a list of int, got int 2"),
+    (["train.profile_steps=[21, 22]"], r"starts after the last step \(train.steps = 20\)"),
 ])
 def test_data_parallel_depth_settings_checked_at_config_time(overrides, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -202,3 +206,9 @@ def test_tensorflow_declares_everything_torch_does():
 def test_tensorflow_takes_the_whole_model_section():
     build_config({}, ["train.framework=tensorflow", "model.family=llama", "model.n_kv_head=2",
                       "model.d_ff=100", "model.norm_eps=1e-6", "model.init_from=hf:somewhere"])
+
+
+def test_list_settings_round_trip_through_toml():
+    cfg = build_config({}, ["train.profile_steps=[2, 5]"])
+    assert cfg.train.profile_steps == [2, 5]
+    assert build_config(tomllib.loads(to_toml(cfg))) == cfg

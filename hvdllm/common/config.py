@@ -195,6 +195,14 @@ class TrainConfig:
             (autocast with dynamic loss scaling agreed by all ranks).  torch.
         grad_clip: clip the global gradient norm (over dp x tp x pp) to this
             value; 0 = off.  torch.
+        profile_steps: ``[first, last]`` records, on every rank, when each
+            phase of optimizer steps first..last ran (forward, backward, each
+            wait on other ranks, the optimizer, checkpoint staging) into
+            ``output.dir/profile/rank-K.json``; ``hvdllm timeline`` merges
+            them.  ``[]`` = off.
+        horovod_timeline: also record Horovod's own timeline
+            (``HOROVOD_TIMELINE``) into ``output.dir/profile/``, merged by
+            ``hvdllm timeline`` too.
         resume: "auto" continues from the newest complete checkpoint in
             ``output.dir`` (or starts afresh when there is none); "never"
             starts afresh; a path resumes from that checkpoint (a step
@@ -230,6 +238,8 @@ class TrainConfig:
     zero: int = 0
     precision: str = "fp32"
     grad_clip: float = 0.0
+    profile_steps: list[int] = field(default_factory=list)
+    horovod_timeline: bool = False
     resume: str = "auto"
 
 
@@ -354,6 +364,14 @@ def _coerce(section: str, key: str, value: Any, expected: type, raw: str | None)
         if raw is not None:
             # `--set data.path=123` means the string "123".
             return raw
+    elif typing.get_origin(expected) is list:
+        (item,) = typing.get_args(expected)
+        if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool)
+                                           for v in value):
+            return list(value)
+        got = type(value).__name__
+        raise ConfigError(f"config key '{name}' expects a list of {item.__name__}, got {got} "
+                          f"{value!r}")
     got = type(value).__name__
     raise ConfigError(
         f"config key '{name}' expects {expected.__name__}, got {got} {value!r}"
@@ -503,6 +521,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"train.{name} must be in [0, 1), got {getattr(t, name)}")
     _positive("train.eps", t.eps)
     _validate_schedule_and_eval(cfg)
+    _validate_profile(cfg)
     if not t.resume:
         raise ConfigError('train.resume must be "auto", "never" or a checkpoint path, got ""')
     o = cfg.output
@@ -516,6 +535,18 @@ def validate(cfg: Config) -> None:
             f"train.global_batch_size={t.global_batch_size} is not divisible by "
             f"train.micro_batch_size={t.micro_batch_size} x parallel.dp={p.dp} (= {per_step})"
         )
+
+
+def _validate_profile(cfg: Config) -> None:
+    steps = cfg.train.profile_steps
+    if not steps:
+        return
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1]:
+        raise ConfigError(f"train.profile_steps must be [first, last] with 1 <= first <= last "
+                          f"(or [] for off), got {steps}")
+    if steps[0] > cfg.train.steps:
+        raise ConfigError(f"train.profile_steps = {steps} starts after the last step "
+                          f"(train.steps = {cfg.train.steps})")
 
 
 def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -637,6 +668,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, str):
         return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     raise TypeError(f"cannot write {type(value).__name__} to TOML")
 
 

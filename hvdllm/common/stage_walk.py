@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import watchdog
+from . import timeline, watchdog
 from .errors import ConfigError
 from .schedules import (BACKWARD, FORWARD, RECV_ACT, RECV_GRAD, SEND_ACT, SEND_GRAD, Action,
                         ActionKind, bubble_fraction_theory, build_schedule,
@@ -136,6 +136,7 @@ class StageWalker:
         actions = self.plan(num_microbatches)
         self._last_m = num_microbatches
         wd = watchdog.current()
+        prof = timeline.current()
         sends: list = []
         for action in actions:
             kind, mb, c = action.kind, action.microbatch, action.chunk
@@ -144,10 +145,12 @@ class StageWalker:
                                                      self.spec, self.message_name(kind, mb, c))
             elif kind is FORWARD:
                 wd.set_micro(mb)
-                forward(mb, c)
+                with prof.span("forward", mb=mb, chunk=c):
+                    forward(mb, c)
             elif kind is BACKWARD:
                 wd.set_micro(mb)
-                backward(mb, c)
+                with prof.span("backward", mb=mb, chunk=c):
+                    backward(mb, c)
             else:
                 sends.append(self.link.isend(outgoing(kind, mb, c), action.peer,
                                              self.tag(kind, mb, c, action.peer),

@@ -79,18 +79,32 @@ def timeout_from_env(default: float) -> float:
     return value
 
 
+# The step profiler (hvdllm.common.timeline) while one records: every wait's
+# end is handed to it, so the timeline shows the waits the flight record has.
+_profiler: Any = None
+
+
+def set_profiler(profiler: Any) -> None:
+    """Hand every finished wait to ``profiler.comm(op, group, nbytes, start, end)`` (None: stop)."""
+    global _profiler
+    _profiler = profiler
+
+
 class _NullWatchdog:
-    """Stand-in when no watchdog runs: every call is a no-op."""
+    """Stand-in when no watchdog runs: every call is a no-op (but the profiler's)."""
 
     running = False
     step = 0
 
     def begin(self, op: str, group: str, ranks: Sequence[int], peers: Any = None,
-              nbytes: int = 0) -> None:
+              nbytes: int = 0) -> Any:
+        if _profiler is not None:
+            return (op, group, nbytes, time.monotonic())
         return None
 
     def end(self, event: Any) -> None:
-        return None
+        if event is not None and _profiler is not None:
+            _profiler.comm(*event, time.monotonic())
 
     def waiting(self, op: str, group: str, ranks: Sequence[int], peers: Any = None,
                 nbytes: int = 0) -> "_Wait":
@@ -201,6 +215,8 @@ class Watchdog:
         event.end = now
         self._open.pop(event.seq, None)
         self._progress_at = self._activity_at = now
+        if _profiler is not None:
+            _profiler.comm(event.op, event.group, event.nbytes, event.start, now)
 
     def waiting(self, op: str, group: str, ranks: Sequence[int],
                 peers: Sequence[int] | None = None, nbytes: int = 0) -> _Wait:

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ..common import watchdog
+from ..common import timeline, watchdog
 from ..common.config import Config
 from ..common.family import family_spec
 from ..common.init_from import initial_tensors
@@ -160,20 +160,25 @@ class TensorFlowEngine:
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
+        prof = timeline.current()
         if self.pipeline is not None:
             loss, grads = self.pipeline.train_step(micro_batches,
                                                    loss_scale=self.update.loss_scale)
         else:
-            loss, grads = self._gradients(micro_batches)
-        if self._sp_reduce is not None:
-            tp = self.groups.tp
-            with watchdog.current().waiting("sequence-parallel gradient allreduce", tp.kind,
-                                            tp.ranks):
-                grads = list(self._sp_reduce(grads))
-        grads = self.update.reduce(grads)
-        if self.pipeline is not None:
-            grads = self.pipeline.reduce_tied_grads(grads)
-        self._metrics = self.update.apply(grads, lr).as_metrics()
+            # one graph runs every micro-batch's forward and backward
+            with prof.span("forward+backward", micro_batches=len(micro_batches)):
+                loss, grads = self._gradients(micro_batches)
+        with prof.span("grad sync"):
+            if self._sp_reduce is not None:
+                tp = self.groups.tp
+                with watchdog.current().waiting("sequence-parallel gradient allreduce", tp.kind,
+                                                tp.ranks):
+                    grads = list(self._sp_reduce(grads))
+            grads = self.update.reduce(grads)
+            if self.pipeline is not None:
+                grads = self.pipeline.reduce_tied_grads(grads)
+        with prof.span("optimizer"):
+            self._metrics = self.update.apply(grads, lr).as_metrics()
         return loss
 
     def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -6,7 +6,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from ..common import watchdog
+from ..common import timeline, watchdog
 from ..common.config import Config
 from ..common.topology import ParallelGroups
 from ..common.family import family_spec
@@ -120,18 +120,23 @@ class TorchEngine:
             n = len(micro_batches)
             total = 0.0
             wd = watchdog.current()
+            prof = timeline.current()
             for i, (x, y) in enumerate(micro_batches):
                 wd.set_micro(i)
-                with self.update.autocast():
+                with prof.span("forward", mb=i), self.update.autocast():
                     loss = self.model.loss(torch.from_numpy(x), torch.from_numpy(y))
-                self.update.backward(loss / n, last=i == n - 1)
+                with prof.span("backward", mb=i):
+                    self.update.backward(loss / n, last=i == n - 1)
                 total += loss.item()
             loss = total / n
-        self.update.reduce_gradients()
-        self.tp.all_reduce_grads(self._tp_replicated)
-        if self.pipeline is not None:
-            self.pipeline.reduce_tied_grads()
-        self._metrics = self.update.apply(lr).as_metrics()
+        prof = timeline.current()
+        with prof.span("grad sync"):
+            self.update.reduce_gradients()
+            self.tp.all_reduce_grads(self._tp_replicated)
+            if self.pipeline is not None:
+                self.pipeline.reduce_tied_grads()
+        with prof.span("optimizer"):
+            self._metrics = self.update.apply(lr).as_metrics()
         return loss
 
     @torch.no_grad()

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..common import watchdog
+from ..common import timeline, watchdog
 from ..common.config import Config
 from ..common.data import ShardedBatchSampler, TokenWindows, eval_micro_batches
 from ..common.tokenizer import load_tokenizer
@@ -113,9 +113,11 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
         start = time.perf_counter()
         window_start, window_steps, window_eval = start, 0, 0.0
         dog = watchdog.current()
+        prof = timeline.current()
         checkpoints.start()
         for step in range(done + 1, t.steps + 1):
             dog.set_step(step)
+            prof.at_step(step)
             micro = [windows.batch(indices) for indices in sampler.next_step()]
             lr = learning_rate(step, cfg)
             local_loss = engine.train_step(micro, lr)
@@ -151,7 +153,9 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
             elif val_loss is not None:
                 writer.log({"step": step, "val_loss": val_loss})
                 progress.update(step, val_loss=val_loss)
-            checkpoints.after_step(step)
+            with prof.span("checkpoint staging"):
+                checkpoints.after_step(step)
+        prof.at_step(0)
         dog.set_step(-1)  # what follows (the final checkpoint, sampling) is after training
         final = checkpoints.finish(t.steps)
     except BaseException as exc:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from ..common import timeline
 from ..common.comm import PendingOp
 from ..common.config import Config, to_toml
 from ..common.data import eval_micro_batches, load_datasets
@@ -111,6 +112,7 @@ def train(cfg: Config) -> TrainSummary:
         print(f"hvdllm: warning: rank 0 is bound to {cores_allowed()} core(s) but its share of "
               f"this host is {share}; it uses {threads} thread(s). Give each rank its cores "
               f"(mpirun --map-by slot:PE={share}, or --bind-to none)", flush=True)
+    timeline.enable_horovod_timeline(cfg)  # read when Horovod starts
     groups = dist_mod.init_groups(topology, comm, cfg.parallel.timeout_sec,
                                   horovod_dp=horovod_carries_gradients(cfg.train,
                                                                        cfg.train.framework))
@@ -151,8 +153,10 @@ def train(cfg: Config) -> TrainSummary:
               f"({local_size(comm)} rank(s) on this host, {threads} thread(s) each; "
               f"Horovod over {os.environ.get('HOROVOD_CONTROLLER', 'mpi')})", flush=True)
     try:
-        summary = run_training(cfg, engine, windows, groups, writer, show_progress=rank == 0,
-                               resume=resume, val_windows=val_windows, peak_flops=peak)
+        with timeline.profiling(cfg, comm, groups.coords):
+            summary = run_training(cfg, engine, windows, groups, writer,
+                                   show_progress=rank == 0, resume=resume,
+                                   val_windows=val_windows, peak_flops=peak)
     except Preempted as exc:
         exc.agreed = exc.all_ranks = True  # type: ignore[attr-defined]
         if dog is not None:
