@@ -200,3 +200,20 @@ def test_calibrate_measures_and_plans(tmp_path):
     assert hw.overhead > 50e6  # torch is loaded
     result = P.plan(load_config(REPO / "configs" / "demo.toml"), 2, hw)
     assert result.best.time.total > 0 and math.isfinite(result.best.tokens_per_sec)
+
+
+def test_memory_probe_sees_a_peak(tmp_path, monkeypatch):
+    """The probe the planner's benchmark measures with: a freed 64 MiB block
+    still shows in the peak, not in the start."""
+    import numpy as np
+
+    from hvdllm.common import memory_probe
+
+    monkeypatch.setenv(memory_probe.ENV, str(tmp_path))
+    probe = memory_probe.start("numpy")
+    block = np.ones(16 * 2**20, dtype=np.float32)  # 64 MiB, touched
+    del block
+    report = probe.finish(0, tmp_path)
+    assert json.loads((tmp_path / "memory-rank-0.json").read_text()) == report
+    if report["hwm_reset"]:
+        assert 60 * 2**20 < report["rss_peak_delta"] < 200 * 2**20

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common import timeline
+from ..common import memory_probe, timeline
 from ..common.comm import PendingOp
 from ..common.config import Config, to_toml
 from ..common.data import eval_micro_batches, load_datasets
@@ -129,6 +129,7 @@ def train(cfg: Config) -> TrainSummary:
                             checkpoint=str(resume.path))
     writer = MetricsWriter(cfg.output.dir, enabled=rank == 0)
     writer.write_config(to_toml(cfg))
+    probe = memory_probe.start(cfg.train.framework)
     engine = engine_mod.build_engine(cfg, groups, threads=threads)
     # Every rank times its matmul at once, so the measured peak sees the host shared.
     peak, peak_source = resolve_peak(cfg.train.peak_flops,
@@ -166,6 +167,8 @@ def train(cfg: Config) -> TrainSummary:
         writer.close()
     if dog is not None:
         dog.stop()
+    if probe is not None:
+        probe.finish(rank, os.environ[memory_probe.ENV])
     if rank == 0:
         losses = summary.losses
         if summary.checkpoint:

@@ -1,0 +1,164 @@
+"""Check ``hvdllm plan`` against measurement: memory per rank and step-time ranking.
+
+    python benchmarks/plan_check.py [--frameworks torch,tensorflow] [--steps 6]
+                                    [--layouts N] [--json OUT]
+
+For each framework: calibrate this machine (``hvdllm plan --calibrate``),
+then train the same model under each of the chosen layouts on 2 ranks and
+measure
+
+* the step time: the median over the steps after the first two
+  (``metrics.jsonl``);
+* the memory the model takes on the most loaded rank
+  (:mod:`hvdllm.common.memory_probe`): TensorFlow's CPU allocator peak
+  (``TF_CPU_ALLOCATOR_USE_BFC=true``), or for torch the resident
+  high-water mark (``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave
+  it).  Both less the same figure of a run of a 1-layer, 16-wide model with
+  the same layout: what the runtime itself allocates once training starts
+  (thread pools, kernels, MPI buffers, lazily imported modules) is not the
+  model's and is left out.
+
+and set them beside the planner's predictions: the memory error per layout
+(target: within 20%) and the Spearman rank correlation of predicted and
+measured step times (target: >= 0.8).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from hvdllm.common import planner as P  # noqa: E402
+from hvdllm.common.config import load_config  # noqa: E402
+
+MODEL = ["model.family=gpt", "model.n_layer=4", "model.d_model=256", "model.n_head=8",
+         "model.seq_len=256", "train.global_batch_size=16"]
+TINY = ["model.n_layer=1", "model.d_model=16", "model.n_head=2"]
+# (dp, tp, pp, micro_batch_size, schedule, virtual_stages, zero, recompute, sequence_parallel)
+LAYOUTS = [
+    (2, 1, 1, 1, "1f1b", 1, 0, "none", False),
+    (2, 1, 1, 4, "1f1b", 1, 0, "none", False),
+    (2, 1, 1, 8, "1f1b", 1, 0, "none", False),
+    (2, 1, 1, 4, "1f1b", 1, 1, "none", False),
+    (2, 1, 1, 4, "1f1b", 1, 0, "full", False),
+    (1, 2, 1, 4, "1f1b", 1, 0, "none", False),
+    (1, 2, 1, 4, "1f1b", 1, 0, "none", True),
+    (1, 1, 2, 2, "1f1b", 1, 0, "none", False),
+    (1, 1, 2, 2, "gpipe", 1, 0, "none", False),
+    (1, 1, 2, 8, "1f1b", 1, 0, "none", False),
+    (1, 1, 2, 2, "interleaved", 2, 0, "none", False),
+]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"MALLOC_MMAP_THRESHOLD_": "65536", "TF_CPU_ALLOCATOR_USE_BFC": "true",
+                "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)})
+    if os.geteuid() == 0:
+        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+    return env
+
+
+def _mpirun() -> str:
+    here = Path(sys.executable).parent / "mpirun"
+    return str(here) if here.exists() else (shutil.which("mpirun") or "mpirun")
+
+
+def _train(framework: str, sets: list[str], steps: int, work: Path) -> tuple[float, float]:
+    """(median step seconds, model memory of the most loaded rank in bytes)."""
+    if work.exists():
+        shutil.rmtree(work)
+    report = work / "memory"
+    env = _env()
+    env["HVDLLM_MEMORY_REPORT"] = str(report)
+    cmd = [_mpirun(), "-np", "2", "--oversubscribe"]
+    for key in ("HVDLLM_MEMORY_REPORT", "MALLOC_MMAP_THRESHOLD_", "TF_CPU_ALLOCATOR_USE_BFC"):
+        cmd += ["-x", key]
+    cmd += [sys.executable, "-m", "hvdllm", "train", "--set", f"train.framework={framework}",
+            "--set", f"train.steps={steps}", "--set", "train.log_every=1",
+            "--set", "output.checkpoint=false", "--set", f"output.dir={work / 'run'}"]
+    for s in sets:
+        cmd += ["--set", s]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(sets)}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    tokens = [r["tokens_per_sec"] for r in records if "tokens_per_sec" in r][2:]
+    cfg = load_config(None, sets + [f"train.framework={framework}"])
+    per_step = cfg.train.global_batch_size * cfg.model.seq_len
+    step = statistics.median(per_step / t for t in tokens)
+    mems = []
+    for f in report.glob("memory-rank-*.json"):
+        data = json.loads(f.read_text())
+        mems.append(data.get("allocator_peak_delta", data["rss_peak_delta"]))
+    return step, max(mems)
+
+
+def _layout(row) -> P.Layout:
+    return P.Layout(*row)
+
+
+def run_framework(framework: str, steps: int, rows, work: Path) -> list[dict]:
+    cal = work / f"calibration-{framework}.json"
+    subprocess.run([sys.executable, "-m", "hvdllm", "plan", "--calibrate", "--calibration",
+                    str(cal), "--ranks-per-node", "2", "--set", f"train.framework={framework}"],
+                   env=_env(), check=True, timeout=600, capture_output=True)
+    hw = P.load_hardware(cal)
+    cfg = load_config(None, MODEL + [f"train.framework={framework}"])
+    out = []
+    for i, row in enumerate(rows):
+        lay = _layout(row)
+        sets = MODEL + lay.overrides()
+        step, mem = _train(framework, sets, steps, work / f"{framework}-{i}")
+        _, base = _train(framework, sets + TINY, 3, work / f"{framework}-{i}-tiny")
+        pred_mem = P.predict_memory(cfg, lay, hw).model
+        pred_time = P.predict_time(cfg, lay, hw).total
+        measured = mem - base
+        res = {"framework": framework, "layout": lay.short(), "measured_step": step,
+               "predicted_step": pred_time, "measured_memory": measured,
+               "runtime_memory": base, "predicted_memory": pred_mem,
+               "memory_error": pred_mem / measured - 1 if measured > 0 else float("nan")}
+        print(f"{framework:<10} {lay.short():<32} step {step * 1e3:8.1f} ms (pred "
+              f"{pred_time * 1e3:8.1f})  memory {measured / 2**20:7.1f} MiB (pred "
+              f"{pred_mem / 2**20:7.1f}, {res['memory_error'] * 100:+5.1f}%)", flush=True)
+        out.append(res)
+    rho = P.spearman([r["predicted_step"] for r in out], [r["measured_step"] for r in out])
+    worst = max(abs(r["memory_error"]) for r in out)
+    print(f"{framework}: Spearman {rho:.3f} (target >= 0.8); worst memory error "
+          f"{worst * 100:.1f}% (target <= 20%)", flush=True)
+    for r in out:
+        r["spearman"] = rho
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--frameworks", default="torch,tensorflow")
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--layouts", type=int, default=len(LAYOUTS),
+                    help="use the first N layouts of the list")
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="plan-check-"))
+    rows = []
+    try:
+        for fw in args.frameworks.split(","):
+            rows += run_framework(fw, args.steps, LAYOUTS[:args.layouts], work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
