@@ -13,10 +13,10 @@ measure
   (:mod:`hvdllm.common.memory_probe`): TensorFlow's CPU allocator peak
   (``TF_CPU_ALLOCATOR_USE_BFC=true``), or for torch the resident
   high-water mark (``MALLOC_MMAP_THRESHOLD_=65536`` so freed tensors leave
-  it).  Both less the same figure of a run of a 1-layer, 16-wide model with
-  the same layout: what the runtime itself allocates once training starts
-  (thread pools, kernels, MPI buffers, lazily imported modules) is not the
-  model's and is left out.
+  it).  Both less what the runtime itself allocates once training starts
+  (thread pools, kernels, MPI buffers, lazily imported modules), which is
+  not the model's: the same figure for a 16-wide model with the same layout,
+  less the planner's prediction for that model (a few MiB).
 
 and set them beside the planner's predictions: the memory error per layout
 (target: within 20%) and the Spearman rank correlation of predicted and
@@ -42,7 +42,7 @@ from hvdllm.common.config import load_config  # noqa: E402
 
 MODEL = ["model.family=gpt", "model.n_layer=4", "model.d_model=256", "model.n_head=8",
          "model.seq_len=256", "train.global_batch_size=16"]
-TINY = ["model.n_layer=1", "model.d_model=16", "model.n_head=2"]
+TINY = ["model.d_model=16", "model.n_head=2"]
 # (dp, tp, pp, micro_batch_size, schedule, virtual_stages, zero, recompute, sequence_parallel)
 LAYOUTS = [
     (2, 1, 1, 1, "1f1b", 1, 0, "none", False),
@@ -119,7 +119,9 @@ def run_framework(framework: str, steps: int, rows, work: Path) -> list[dict]:
         lay = _layout(row)
         sets = MODEL + lay.overrides()
         step, mem = _train(framework, sets, steps, work / f"{framework}-{i}")
-        _, base = _train(framework, sets + TINY, 3, work / f"{framework}-{i}-tiny")
+        _, tiny = _train(framework, sets + TINY, 3, work / f"{framework}-{i}-tiny")
+        tiny_cfg = load_config(None, MODEL + TINY + [f"train.framework={framework}"])
+        base = tiny - P.predict_memory(tiny_cfg, lay, hw).model
         pred_mem = P.predict_memory(cfg, lay, hw).model
         pred_time = P.predict_time(cfg, lay, hw).total
         measured = mem - base

@@ -84,6 +84,9 @@ def _check_pipeline(trace, summary, micro):
         assert len(_events(trace, rank, "backward")) == 2 * micro
         assert _events(trace, rank, "optimizer")
     assert [e for e in trace if e["ph"] == "X" and e.get("cat") == "wait:pp"]
+    posts = [e["name"] for e in trace if e["ph"] == "i" and e["pid"] == 0]
+    assert sum("send of activation" in n for n in posts) == 2 * micro  # every send, marked
+    assert sum("recv of gradient" in n for n in posts) == 2 * micro
     # Causality across ranks, through the aligned clocks: stage 1 cannot start a
     # micro-batch's forward before stage 0 has finished it, and stage 0 cannot
     # start its backward before stage 1 has finished it.

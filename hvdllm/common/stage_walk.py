@@ -141,6 +141,7 @@ class StageWalker:
         for action in actions:
             kind, mb, c = action.kind, action.microbatch, action.chunk
             if kind is RECV_ACT or kind is RECV_GRAD:
+                prof.mark("post recv of " + self.message_name(kind, mb, c))
                 inbox[kind, mb, c] = self.link.irecv(action.peer, self.tag(kind, mb, c, action.peer),
                                                      self.spec, self.message_name(kind, mb, c))
             elif kind is FORWARD:
@@ -152,6 +153,7 @@ class StageWalker:
                 with prof.span("backward", mb=mb, chunk=c):
                     backward(mb, c)
             else:
+                prof.mark("post send of " + self.message_name(kind, mb, c))
                 sends.append(self.link.isend(outgoing(kind, mb, c), action.peer,
                                              self.tag(kind, mb, c, action.peer),
                                              self.message_name(kind, mb, c)))

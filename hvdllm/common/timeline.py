@@ -7,7 +7,8 @@ every phase ran: ``step``, ``forward`` and ``backward`` of each micro-batch
 staging``, and every wait on other ranks.  The waits come from the hang
 watchdog's flight record (:mod:`hvdllm.common.watchdog`), which already
 brackets every collective, send and receive; so the timeline shows what
-the hang report would name.  After the last profiled step each rank writes
+the hang report would name; pipeline sends and receives are also marked
+where they are posted.  After the last profiled step each rank writes
 ``output.dir/profile/rank-K.json``.
 
 Clocks: at start-up every rank measures its monotonic clock's offset to
@@ -57,6 +58,9 @@ class _NullProfiler:
         return None
 
     def at_step(self, step: int) -> None:
+        return None
+
+    def mark(self, name: str, **args: Any) -> None:
         return None
 
     def finish(self) -> None:
@@ -143,6 +147,12 @@ class Profiler:
         """One wait on other ranks (from the watchdog)."""
         if self.active:
             self._add(op, f"wait:{group}", start, end, {"bytes": int(nbytes)} if nbytes else {})
+
+    def mark(self, name: str, **args: Any) -> None:
+        """An instant: a non-blocking send or receive posted (its wait, if any, is a span)."""
+        if self.active:
+            now = time.monotonic()
+            self._add(name, "post", now, now, args)
 
     def at_step(self, step: int) -> None:
         """The loop starts optimizer step ``step`` (0 after the last one)."""
@@ -370,6 +380,10 @@ def merge_run(run_dir: str | os.PathLike, out: str | os.PathLike | None = None) 
             trace.append({"ph": "M", "name": "thread_name", "pid": rank, "tid": tid,
                           "args": {"name": name}})
         for name, cat, start, end, args in p["events"]:
+            if cat == "post":
+                trace.append({"ph": "i", "s": "t", "name": name, "cat": cat, "pid": rank,
+                              "tid": 1, "ts": (start + off - zero) * 1e6, "args": args})
+                continue
             tid = 1 if cat.startswith("wait:") else 0
             label = name
             if name in ("forward", "backward") and args:
