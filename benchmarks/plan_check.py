@@ -8,7 +8,7 @@ then train the same model under each of the chosen layouts on 2 ranks and
 measure
 
 * the step time: the median over the steps after the first two
-  (``metrics.jsonl``);
+  (``metrics.jsonl``; 10 steps by default);
 * the memory the model takes on the most loaded rank
   (:mod:`hvdllm.common.memory_probe`): TensorFlow's CPU allocator peak
   (``TF_CPU_ALLOCATOR_USE_BFC=true``), or for torch the resident
@@ -145,7 +145,7 @@ def run_framework(framework: str, steps: int, rows, work: Path) -> list[dict]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--frameworks", default="torch,tensorflow")
-    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--layouts", type=int, default=len(LAYOUTS),
                     help="use the first N layouts of the list")
     ap.add_argument("--json", help="write the rows here")

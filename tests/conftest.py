@@ -79,9 +79,13 @@ def pytest_configure(config):
 
 
 # Matrix entries that run in `make test-all` only, to keep `make test` (setup
-# included) under 30 minutes on a 2-core CI machine.  Each test function keeps
-# at least one entry in the default tier, so every feature is still exercised
-# there: these are its further layouts, frameworks and settings.
+# included) under 30 minutes on a 2-core CI machine.  Most are further
+# layouts, frameworks or settings of a test that keeps an entry in the default
+# tier.  Seven TensorFlow tests move whole: the executor and TP-layer unit
+# checks (the default tier still trains TensorFlow tp and pp layouts against
+# one process in test_tf_equality.py), the tape example, the eager drop-in at
+# two ranks, the one-allreduce-per-step check, the metric fields, the
+# validation loss at dp2 and resume under another layout.
 SLOW_ENTRIES = frozenset({
     "test_resume.py::test_kill9_then_rerun_is_bitwise_exact[tensorflow-tp2-pp2-sp-extra4]",
     "test_resume.py::test_kill9_then_rerun_is_bitwise_exact[torch-tp2-pp2-zero1-extra1]",
@@ -118,6 +122,15 @@ SLOW_ENTRIES = frozenset({
     "test_trainer_eval.py::test_evaluation_does_not_change_training[tensorflow]",
     "test_tf_dropin.py::test_frozen_rank_is_reported[tf_keras_fit_hang.py-DistributedOptimizer gradient reduction]",
     "test_cli.py::test_horovodrun_launch[tensorflow]",
+    "test_resume.py::test_tensorflow_resume_under_another_layout[tf-world1]",
+    "test_resume.py::test_signal_to_one_rank_saves_and_stops_every_rank[SIGUSR1]",
+    "test_tf_equality.py::test_tensorflow_layout_matches_one_process[llama-zero1_dp2]",
+    "test_tf_examples.py::test_tape_example_under_horovodrun",
+    "test_multirank.py::test_tensorflow_single_allreduce_outside_accumulation_loop",
+    "test_tf_dp_depth.py::test_training_metrics_carry_the_torch_fields",
+    "test_trainer_eval.py::test_tensorflow_val_loss_matches_one_process_and_dp2",
+    "test_tf_dropin.py::test_dropin_at_two_ranks",
+    "test_dp_multirank.py::test_compressors_against_exact_average[4]",
 })
 
 
