@@ -23,7 +23,10 @@ itself, so the planner never proposes what ``hvdllm train`` would refuse.
   the tokens of the micro-batches a stage holds at its peak, which the
   schedule simulator gives (GPipe holds all ``m``, 1F1B at most ``p``).
   Full recomputation keeps one layer input per layer and rebuilds one
-  layer's activations at a time.  Under tensor parallelism the sharded
+  layer's activations at a time; in a pipeline it keeps one chunk input
+  per micro-batch in flight and rebuilds the whole chunk.  A TensorFlow
+  pipeline stage holds more per micro-batch than its fused gradient graph
+  does (:data:`PIPELINE_ACTIVATION_FLOATS`).  Under tensor parallelism the sharded
   regions divide by ``tp``; sequence parallelism divides the rest too.
 * the head's logits and their log-probabilities on the last stage.
 
@@ -32,8 +35,10 @@ itself, so the planner never proposes what ``hvdllm train`` would refuse.
 * compute: every matmul of a micro-batch on one stage at the rate the
   calibration measured for its size (small matmuls run far below peak),
   plus per-token element-wise traffic at the measured memory bandwidth and
-  a fixed cost per framework op.  Recomputation adds a forward.  Ranks that
-  share a CPU node share its cores.
+  a fixed cost per framework op.  Recomputation adds a forward.  A
+  calibration times every rank at once with a training rank's threads, so
+  its rates already carry a CPU node's sharing; ``shared_compute`` divides
+  rates measured by one rank alone among the node's ranks.
 * tensor parallelism: two allreduces (or reduce-scatter + all-gather pairs)
   of the layer's activations per layer in forward and two in backward.
 * pipeline: the per-micro-batch sends and receives, and the bubble
@@ -68,16 +73,26 @@ GB = 1024 ** 3
 #: torch: measured with SavedTensorMeter (SDPA keeps one log-sum-exp per head;
 #: LayerNorm two statistics, RMSNorm one; tests/test_planner.py checks it).
 #: Grouped-query keys and values are repeated to every head before attention,
-#: so they count at full width.  TensorFlow: fitted to the CPU allocator's peak
-#: at two sequence lengths (benchmarks/plan_check.py): its attention is written
-#: out and keeps four floats per head per key position (scores, their scaled
-#: and masked forms, probabilities), and GPT's tanh GELU keeps six more d_ff
-#: intermediates.
+#: so they count at full width.  TensorFlow: least-squares fits to the CPU
+#: allocator's peak over six model shapes (benchmarks/plan_activation_fit.py,
+#: within 10% of each): its gradient graph frees what grappler finds dead, so
+#: the figures are what is live at the peak, not what the forward made; its
+#: written-out attention keeps one and a half to two and a half floats per
+#: head per key position, and GPT's tanh GELU several d_ff intermediates.
 ACTIVATION_FLOATS: dict[tuple[str, str], tuple[float, float, float, float, float, float]] = {
     ("torch", "gpt"): (8, 2, 0, 1, 0, 4),
     ("torch", "llama"): (10, 4, 0, 1, 0, 2),
-    ("tensorflow", "gpt"): (8, 8, 0, 0, 4, 4),
-    ("tensorflow", "llama"): (10, 4, 0, 0, 4, 2),
+    ("tensorflow", "gpt"): (4, 7, 0, 0, 1.5, 4),
+    ("tensorflow", "llama"): (8, 4, 0, 0, 2.4, 2),
+}
+#: What a TensorFlow pipeline stage holds per (micro-batch, layer) in flight:
+#: the intermediates its forward graph outputs for the tape (all the gradient
+#: graph will read, with no pruning across the function boundary), fitted
+#: the same way with ``--pipeline``.  torch's autograd keeps the same either way.
+PIPELINE_ACTIVATION_FLOATS: dict[tuple[str, str], tuple[float, ...]] = {
+    **ACTIVATION_FLOATS,
+    ("tensorflow", "gpt"): (8, 8.5, 0, 0, 2.5, 4),
+    ("tensorflow", "llama"): (10, 5, 0, 0, 3, 2),
 }
 #: Of the d_model-sized floats above, those outside the tensor-parallel
 #: regions (norm inputs and outputs): replicated on every tp rank unless
@@ -96,7 +111,7 @@ class Hardware:
         matmul: ``(flops of one matmul, FLOP/s it ran at)`` pairs, ascending;
             rates in between are interpolated in log space, beyond the ends
             held flat.
-        mem_bw: bytes/s of element-wise work (one rank alone).
+        mem_bw: bytes/s of element-wise work on tensors larger than the caches.
         op_overhead: seconds of framework cost per op.
         intra_bw, intra_latency: allreduce bus bandwidth (bytes/s) and
             per-message latency (s) within a node.
@@ -104,8 +119,11 @@ class Hardware:
         p2p_bw, p2p_latency: a point-to-point send within a node.
         memory: bytes each rank may use (0 = unknown, nothing is dropped).
         ranks_per_node: ranks that share a node.
-        shared_compute: ranks on a node share its compute (CPU): the matmul
-            and memory rates divide among them.
+        shared_compute: the rates were measured by one rank alone and ranks
+            on a node share its compute (CPU): they divide among them.
+            False for a calibration, which measures all ranks at once.
+        mem_curve: ``(bytes of one tensor, bytes/s)`` of element-wise work,
+            ascending (calibrated; empty: :attr:`mem_bw` at every size).
         overhead: bytes per rank the framework and runtime take before the
             model (added to every prediction's total).
         dp_overlap: the most of the data-parallel allreduce the last
@@ -128,6 +146,21 @@ class Hardware:
     shared_compute: bool = False
     overhead: float = 0.0
     dp_overlap: float = 0.5
+    mem_curve: tuple[tuple[float, float], ...] = ()
+
+    def mem_rate(self, nbytes: float) -> float:
+        """Bytes/s of element-wise work on tensors of ``nbytes``: tensors that stay
+        in a core's cache move faster than :attr:`mem_bw`, the rate from memory."""
+        pts = self.mem_curve
+        if not pts:
+            return self.mem_bw
+        if nbytes <= pts[0][0]:
+            return pts[0][1]
+        for (b0, r0), (b1, r1) in zip(pts, pts[1:]):
+            if nbytes <= b1:
+                w = math.log(nbytes / b0) / math.log(b1 / b0)
+                return math.exp(math.log(r0) + w * (math.log(r1) - math.log(r0)))
+        return pts[-1][1]
 
     def rate(self, flops: float) -> float:
         """FLOP/s of one matmul of ``flops`` floating-point operations."""
@@ -143,6 +176,7 @@ class Hardware:
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["matmul"] = [list(p) for p in self.matmul]
+        out["mem_curve"] = [list(p) for p in self.mem_curve]
         return out
 
     @classmethod
@@ -153,6 +187,7 @@ class Hardware:
             raise ConfigError(f"calibration file has unknown keys {unknown}")
         values = dict(data)
         values["matmul"] = tuple((float(f), float(r)) for f, r in data["matmul"])
+        values["mem_curve"] = tuple((float(b), float(r)) for b, r in data.get("mem_curve", ()))
         return cls(**values)
 
 
@@ -346,9 +381,12 @@ def stage_parameters(m: Any, tp: int, pp: int, v: int = 1) -> list[float]:
     return out
 
 
-def activation_floats(framework: str, m: Any, tp: int, sp: bool) -> float:
-    """Activation floats autograd keeps per token of one layer, on one tp rank."""
-    a_h, a_ff, a_kv, a_head, a_hs, const = ACTIVATION_FLOATS[(framework, m.family)]
+def activation_floats(framework: str, m: Any, tp: int, sp: bool,
+                      table: dict | None = None) -> float:
+    """Activation floats autograd keeps per token of one layer, on one tp rank
+    (``table``: :data:`ACTIVATION_FLOATS` or :data:`PIPELINE_ACTIVATION_FLOATS`)."""
+    table = ACTIVATION_FLOATS if table is None else table
+    a_h, a_ff, a_kv, a_head, a_hs, const = table[(framework, m.family)]
     head_dim = m.d_model // m.n_head
     rep = REPLICATED_FLOATS[m.family] * m.d_model + const
     split = ((a_h - REPLICATED_FLOATS[m.family]) * m.d_model + a_ff * m.ff_width
@@ -388,6 +426,12 @@ def predict_memory(cfg: Any, layout: Layout, hw: Hardware) -> Memory:
     act_bytes = 2 if t.precision in ("bf16", "fp16") else 4
     tokens = layout.micro_batch_size * m.seq_len
     per_layer = activation_floats(framework, m, tp, layout.sequence_parallel) * tokens * act_bytes
+    held_layer = per_layer
+    if pp > 1 or layout.recompute == "full":
+        # What a stage keeps between a micro-batch's forward and its backward, and
+        # what recomputation rebuilds under a tape inside the gradient.
+        held_layer = activation_floats(framework, m, tp, layout.sequence_parallel,
+                                       PIPELINE_ACTIVATION_FLOATS) * tokens * act_bytes
     layer_input = m.d_model * tokens * act_bytes / (tp if layout.sequence_parallel else 1)
     chunks = _stage_layers(m.n_layer, pp, v)
     n_micro = t.global_batch_size // (layout.micro_batch_size * dp)
@@ -401,10 +445,13 @@ def predict_memory(cfg: Any, layout: Layout, hw: Hardware) -> Memory:
         if layout.zero:  # the flat gradient it reduce-scatters, and its fp32 master shard
             opt += per_stage[s] * 4 + per_stage[s] * 4 / dp
         layers_per_chunk = max(chunks[s])
-        if layout.recompute == "full":
-            acts = held[s] * layers_per_chunk * layer_input + per_layer
+        if layout.recompute == "full" and pp > 1:
+            # a pipeline chunk keeps its input and runs all its layers again in backward
+            acts = held[s] * layer_input + layers_per_chunk * held_layer
+        elif layout.recompute == "full":  # per layer: one input each, one layer rebuilt
+            acts = layers_per_chunk * layer_input + held_layer
         else:
-            acts = held[s] * layers_per_chunk * per_layer
+            acts = held[s] * layers_per_chunk * held_layer
         logits = 0.0
         if s == pp - 1:
             vocab = math.ceil(m.vocab_size / tp)
@@ -460,8 +507,9 @@ def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
 
     # One layer, one micro-batch: forward and backward (2x) matmuls at their size's rate.
     layer_fwd = sum(f / hw.rate(f) for f in _layer_matmuls(m, tokens, tp)) * share
+    # each element-wise op reads and writes tensors about a layer activation's size
     elementwise = (activation_floats(t.framework, m, tp, layout.sequence_parallel)
-                   * tokens * act_bytes * 3) / hw.mem_bw * share
+                   * tokens * act_bytes * 3) / hw.mem_rate(tokens * m.d_model * act_bytes) * share
     ops = OPS_PER_LAYER.get(t.framework, 16) * hw.op_overhead
     fwd_layer = layer_fwd + elementwise + ops
     bwd_layer = 2.0 * layer_fwd + 2.0 * elementwise + 2.0 * ops
@@ -470,7 +518,8 @@ def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
     layers = max(sum(c) for c in _stage_layers(m.n_layer, pp, v))
     vocab = math.ceil(m.vocab_size / tp)
     head_f = 2.0 * tokens * m.d_model * vocab
-    head = 3.0 * head_f / hw.rate(head_f) * share + 3 * tokens * vocab * 4 / hw.mem_bw * share
+    head = (3.0 * head_f / hw.rate(head_f) * share
+            + 3 * tokens * vocab * 4 / hw.mem_rate(tokens * vocab * 4) * share)
     per_micro = layers * (fwd_layer + bwd_layer) + head / pp  # the head sits on one stage
     compute = n_micro * per_micro
 
@@ -715,7 +764,10 @@ def measure_local(framework: str = "", sizes: Sequence[int] = (32, 64, 128, 256,
     for n in sizes:
         a = rng.standard_normal((n, n), dtype=np.float32)
         q, _ = np.linalg.qr(rng.standard_normal((n, n)))
-        count = max(1, min(200, int(2e7 // (2 * n ** 3))))
+        # Enough products per call that the call's own cost (a tf.function
+        # dispatch is ~1 ms) is amortized: at one product per call a 256-wide
+        # matmul timed at a third of its real rate.
+        count = max(4, min(200, int(4e8 // (2 * n ** 3))))
         run = _matmul_chain(framework, a, q.astype(np.float32), count)
         run()
         best = math.inf
@@ -726,14 +778,19 @@ def measure_local(framework: str = "", sizes: Sequence[int] = (32, 64, 128, 256,
         rate = 2.0 * n ** 3 / max(best, 1e-9)
         # A larger matmul is not slower per FLOP: a dip is the shared machine's noise.
         curve.append((2.0 * n ** 3, max(rate, curve[-1][1]) if curve else rate))
-    big = np.ones(8 * 1024 * 1024, dtype=np.float32)
-    out = np.empty_like(big)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        np.multiply(big, 1.5, out=out)
-        best = min(best, time.perf_counter() - start)
-    mem_bw = 2 * big.nbytes / best
+    mem_curve = []
+    for floats in (64 * 1024, 512 * 1024, 8 * 1024 * 1024):  # 256 KiB, 2 MiB, 32 MiB
+        src = np.ones(floats, dtype=np.float32)
+        out = np.empty_like(src)
+        loops = max(1, (8 * 1024 * 1024) // floats)
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(loops):
+                np.multiply(src, 1.5, out=out)
+            best = min(best, (time.perf_counter() - start) / loops)
+        mem_curve.append((float(src.nbytes), 2 * src.nbytes / best))
+    mem_bw = mem_curve[-1][1]
     eye = np.eye(2, dtype=np.float32)
     run = _matmul_chain(framework, eye, eye, 200)
     run()
@@ -742,7 +799,7 @@ def measure_local(framework: str = "", sizes: Sequence[int] = (32, 64, 128, 256,
         start = time.perf_counter()
         run()
         best = min(best, (time.perf_counter() - start) / 200)
-    return {"matmul": curve, "mem_bw": mem_bw, "op_overhead": best}
+    return {"matmul": curve, "mem_bw": mem_bw, "mem_curve": mem_curve, "op_overhead": best}
 
 
 def measure_comm(comm: Any, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 << 22),
@@ -796,20 +853,50 @@ def calibrate(framework: str, comm: Any, ranks_per_node: int, memory: float,
     """Measure this machine (``comm`` of at least two ranks on it) into a :class:`Hardware`."""
     import socket
 
-    # Rank 0 times the compute alone, with every core (ranks on a node share them).
-    local = measure_local(framework) if comm.Get_rank() == 0 else None
-    local = comm.bcast(local, root=0)
+    # Every rank times its compute at once, with the threads a training rank
+    # gets (its share of the node's cores), so the rates are what each rank
+    # sees while the others compute too; the mean over ranks is kept.
+    from .launch import threads_per_rank
+
+    _use_threads(framework, threads_per_rank(comm))
+    comm.Barrier()
+    measured = comm.allgather(measure_local(framework))
+    local = {
+        "matmul": [(f, sum(m["matmul"][i][1] for m in measured) / len(measured))
+                   for i, (f, _) in enumerate(measured[0]["matmul"])],
+        "mem_bw": sum(m["mem_bw"] for m in measured) / len(measured),
+        "mem_curve": [(b, sum(m["mem_curve"][i][1] for m in measured) / len(measured))
+                      for i, (b, _) in enumerate(measured[0]["mem_curve"])],
+        "op_overhead": sum(m["op_overhead"] for m in measured) / len(measured),
+    }
     net = measure_comm(comm)
     return Hardware(
         name=f"calibrated on {socket.gethostname()} ({framework or 'numpy'}, "
              f"{time.strftime('%Y-%m-%d')})",
         matmul=tuple(tuple(p) for p in local["matmul"]), mem_bw=local["mem_bw"],
+        mem_curve=tuple(tuple(p) for p in local["mem_curve"]),
         op_overhead=local["op_overhead"],
         intra_bw=net["allreduce_bw"], intra_latency=net["allreduce_latency"],
         inter_bw=net["allreduce_bw"], inter_latency=net["allreduce_latency"],
         p2p_bw=net["p2p_bw"], p2p_latency=net["p2p_latency"],
-        memory=memory, ranks_per_node=ranks_per_node, shared_compute=True,
+        memory=memory, ranks_per_node=ranks_per_node, shared_compute=False,
         overhead=overhead)
+
+
+def _use_threads(framework: str, threads: int) -> None:
+    """Give the framework the thread count a training rank would use."""
+    if framework == "torch":
+        import torch
+
+        torch.set_num_threads(threads)
+    elif framework == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(2)
+        except RuntimeError:  # TensorFlow already runs: its pools keep their size
+            pass
 
 
 def physical_memory() -> float:

@@ -127,11 +127,17 @@ class TensorFlowEngine:
         total, grads = self._micro_batch(xs[0], ys[0], scale)
         if n > 1:
             for i in tf.range(1, n):
-                # With tp > 1, one iteration at a time: Horovod refuses a collective
-                # whose name is still in flight from the previous iteration.
-                tf.autograph.experimental.set_loop_options(
-                    parallel_iterations=1 if self.tp.size > 1 else 10)
-                loss, more = self._micro_batch(xs[i], ys[i], scale)
+                # One iteration at a time: running micro-batches side by side (the
+                # loop's default of 10) holds all their activations at once, which
+                # defeats accumulation's purpose; and with tp > 1 Horovod refuses a
+                # collective whose name is still in flight from the last iteration.
+                tf.autograph.experimental.set_loop_options(parallel_iterations=1)
+                # The executor runs the lowered loop's ops as soon as their inputs
+                # are ready: without this the next forward starts beside the last
+                # backward and two micro-batches' activations are held at once.
+                with tf.control_dependencies(grads):
+                    x, y = tf.identity(xs[i]), tf.identity(ys[i])
+                loss, more = self._micro_batch(x, y, scale)
                 total += loss
                 grads = [g + m for g, m in zip(grads, more)]
         if self._flat_grads:
