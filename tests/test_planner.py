@@ -203,6 +203,9 @@ def test_calibrate_measures_and_plans(tmp_path):
     assert all(r > 1e8 for _, r in hw.matmul)
     assert hw.intra_bw > 1e7 and 0 < hw.intra_latency < 1e-2 and hw.p2p_bw > 1e7
     assert hw.overhead > 50e6  # torch is loaded
+    # the engine's own paths: a polled wait, torch's collective (the same path), a chunk drive
+    assert 0 <= hw.wait_overhead < 0.05 and hw.collective_overhead == hw.wait_overhead
+    assert 0 < hw.action_overhead < 0.05
     result = P.plan(load_config(REPO / "configs" / "demo.toml"), 2, hw)
     assert result.best.time.total > 0 and math.isfinite(result.best.tokens_per_sec)
 
@@ -261,3 +264,29 @@ def test_tensorflow_accumulation_holds_one_micro_batch(tmp_path):
         peaks[mbs] = json.loads((report / "memory-rank-0.json").read_text())["allocator_peak_delta"]
     # activations are ~23 MiB a sequence here, the static state ~27 MiB
     assert peaks[2] < 0.5 * peaks[8], peaks
+
+
+def test_engine_overheads_price_collectives_and_pipeline_actions():
+    """A calibrated cost per tensor-parallel collective grows with the collectives
+    a layout makes (sequence parallelism makes twice as many); one per pipeline
+    action grows with the micro-batches and virtual stages."""
+    cfg = _cfg(n_layer=4)
+    base = P.replace(A100, collective_overhead=0.0, action_overhead=0.0, wait_overhead=0.0)
+    costly = P.replace(base, collective_overhead=1e-3, action_overhead=2e-3)
+
+    def lay(**kw):
+        d = dict(dp=1, tp=1, pp=1, micro_batch_size=2, schedule="1f1b", virtual_stages=1,
+                 zero=0, recompute="none", sequence_parallel=False)
+        d.update(kw)
+        return P.Layout(**d)
+
+    n_micro = 4  # global batch 8, micro-batch 2
+    for sp, calls in ((False, 4 * 4 + 2), (True, 4 * 8 + 2)):
+        extra = (P.predict_time(cfg, lay(tp=2, sequence_parallel=sp), costly).tp_comm
+                 - P.predict_time(cfg, lay(tp=2, sequence_parallel=sp), base).tp_comm)
+        assert extra == pytest.approx(n_micro * calls * 1e-3)
+    for v, schedule in ((1, "1f1b"), (2, "interleaved")):
+        extra = (P.predict_time(cfg, lay(pp=2, virtual_stages=v, schedule=schedule), costly).pp_comm
+                 - P.predict_time(cfg, lay(pp=2, virtual_stages=v, schedule=schedule), base).pp_comm)
+        assert extra == pytest.approx(n_micro * v * 2e-3)
+    assert P.predict_time(cfg, lay(dp=2), costly).total == P.predict_time(cfg, lay(dp=2), base).total

@@ -40,8 +40,13 @@ itself, so the planner never proposes what ``hvdllm train`` would refuse.
   its rates already carry a CPU node's sharing; ``shared_compute`` divides
   rates measured by one rank alone among the node's ranks.
 * tensor parallelism: two allreduces (or reduce-scatter + all-gather pairs)
-  of the layer's activations per layer in forward and two in backward.
-* pipeline: the per-micro-batch sends and receives, and the bubble
+  of the layer's activations per layer in forward and two in backward,
+  each also paying what the engine's collective path adds
+  (``Hardware.collective_overhead``: a polled MPI wait for torch, a Horovod
+  op inside the graph for TensorFlow).
+* pipeline: the per-micro-batch sends and receives (each through the polled
+  wait, ``Hardware.wait_overhead``), the cost of driving each (micro-batch,
+  chunk) from Python (``Hardware.action_overhead``), and the bubble
   ``(p - 1) / (v * m)`` of the stage work.
 * data parallelism: a ring allreduce of the stage's gradients, partly
   hidden behind the last backward (``Hardware.dp_overlap``), and the optimizer update at memory bandwidth.
@@ -124,6 +129,14 @@ class Hardware:
             False for a calibration, which measures all ranks at once.
         mem_curve: ``(bytes of one tensor, bytes/s)`` of element-wise work,
             ascending (calibrated; empty: :attr:`mem_bw` at every size).
+        wait_overhead: seconds a polled MPI wait (the engines' point-to-point
+            path) adds to a message beyond the link's latency.
+        collective_overhead: seconds the engine's tensor-parallel collective
+            (torch: polled MPI; TensorFlow: Horovod inside the graph) adds
+            beyond the link's latency.
+        action_overhead: seconds of driving one pipeline (micro-batch, chunk)
+            forward and backward beyond its compute (Python, graph calls,
+            the tape).
         overhead: bytes per rank the framework and runtime take before the
             model (added to every prediction's total).
         dp_overlap: the most of the data-parallel allreduce the last
@@ -147,6 +160,9 @@ class Hardware:
     overhead: float = 0.0
     dp_overlap: float = 0.5
     mem_curve: tuple[tuple[float, float], ...] = ()
+    wait_overhead: float = 0.0
+    collective_overhead: float = 0.0
+    action_overhead: float = 0.0
 
     def mem_rate(self, nbytes: float) -> float:
         """Bytes/s of element-wise work on tensors of ``nbytes``: tensors that stay
@@ -530,6 +546,10 @@ def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
         msg = tokens * m.d_model * act_bytes
         tp_comm = n_micro * layers * 4 * _allreduce(msg, tp, bw, lat) * (share if hw.shared_compute else 1)
         tp_comm += n_micro * 2 * _allreduce(tokens * 4.0, tp, bw, lat)  # the loss statistics
+        # the engine's own cost per collective: sequence parallelism makes each
+        # allreduce a reduce-scatter and all-gather pair
+        calls = n_micro * (layers * 4 * (2 if layout.sequence_parallel else 1) + 2)
+        tp_comm += calls * hw.collective_overhead
 
     # Pipeline: activation and gradient messages per micro-batch per chunk, and the bubble.
     pp_comm = bubble = 0.0
@@ -538,7 +558,8 @@ def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
         span = dp * tp * 2
         bw, lat = (hw.p2p_bw, hw.p2p_latency) if span <= hw.ranks_per_node else \
             (hw.inter_bw, hw.inter_latency)
-        pp_comm = n_micro * v * 2 * (lat + msg / bw)
+        pp_comm = n_micro * v * 2 * (lat + msg / bw + 2 * hw.wait_overhead)
+        pp_comm += n_micro * v * hw.action_overhead
         bubble = (pp - 1) / (v * n_micro) * (compute + tp_comm + pp_comm)
 
     # Data parallelism: ring allreduce (or reduce-scatter + all-gather) of the stage's grads.
@@ -870,6 +891,7 @@ def calibrate(framework: str, comm: Any, ranks_per_node: int, memory: float,
         "op_overhead": sum(m["op_overhead"] for m in measured) / len(measured),
     }
     net = measure_comm(comm)
+    engine = measure_engine(framework, comm, net)
     return Hardware(
         name=f"calibrated on {socket.gethostname()} ({framework or 'numpy'}, "
              f"{time.strftime('%Y-%m-%d')})",
@@ -880,7 +902,118 @@ def calibrate(framework: str, comm: Any, ranks_per_node: int, memory: float,
         inter_bw=net["allreduce_bw"], inter_latency=net["allreduce_latency"],
         p2p_bw=net["p2p_bw"], p2p_latency=net["p2p_latency"],
         memory=memory, ranks_per_node=ranks_per_node, shared_compute=False,
-        overhead=overhead)
+        overhead=overhead, **engine)
+
+
+def measure_engine(framework: str, comm: Any, net: dict[str, float],
+                   repeats: int = 5, calls: int = 40) -> dict[str, float]:
+    """What the engines' own paths add beyond the link and the compute.
+
+    * ``wait_overhead``: a small allreduce completed by hvdllm's polled wait
+      (:func:`hvdllm.common.p2p.wait_requests`, the path of every
+      point-to-point message and of torch's tensor-parallel collectives),
+      less the same allreduce blocking;
+    * ``collective_overhead``: a tensor-parallel collective as the framework's
+      engine runs it (torch: that polled wait; TensorFlow: a Horovod
+      allreduce inside a traced graph), less the blocking MPI one;
+    * ``action_overhead``: a tiny layer's forward and backward driven the way
+      a pipeline stage drives a chunk (torch: autograd; TensorFlow: a traced
+      call under an eager tape, its gradient and the gradient sum).
+    """
+    import numpy as np
+    from mpi4py import MPI
+
+    from .p2p import wait_requests
+
+    buf = np.ones(256, dtype=np.float32)
+
+    def best_of(fn) -> float:
+        fn()
+        comm.Barrier()
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, (time.perf_counter() - start) / calls)
+        return comm.allreduce(best, op=MPI.MAX)
+
+    def blocking():
+        for _ in range(calls):
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+
+    def polled():
+        for _ in range(calls):
+            wait_requests([comm.Iallreduce(MPI.IN_PLACE, buf, op=MPI.SUM)], "calibration",
+                          time.monotonic() + 60)
+
+    base = best_of(blocking)
+    wait = max(0.0, best_of(polled) - base)
+    collective = wait
+    if framework == "tensorflow":
+        try:
+            chain = _horovod_graph_allreduce(calls)
+        except ImportError:  # no Horovod: the TensorFlow engine cannot run tp > 1 anyway
+            chain = None
+        if chain is not None:
+            collective = max(0.0, best_of(chain) - base)
+    action = best_of(_chunk_driver(framework, calls)) if framework else 0.0
+    return {"wait_overhead": wait, "collective_overhead": collective,
+            "action_overhead": action}
+
+
+def _horovod_graph_allreduce(calls: int):
+    """``calls`` dependent Horovod allreduces of 1 KiB in one traced graph."""
+    import horovod.tensorflow as hvd
+    import tensorflow as tf
+
+    hvd.init()
+    x0 = tf.ones([256])
+
+    @tf.function
+    def chain(x):
+        for i in range(calls):
+            x = hvd.allreduce(x * 0.5, op=hvd.Sum, name=f"hvdllm.calibrate.{i}")
+        return x
+
+    return lambda: chain(x0).numpy()
+
+
+def _chunk_driver(framework: str, calls: int):
+    """``calls`` forward+backward pairs of an 8-wide layer, driven as a stage does."""
+    if framework == "tensorflow":
+        import tensorflow as tf
+
+        w = tf.Variable(tf.ones([8, 8]) * 0.1)
+        x = tf.ones([8, 8])
+
+        @tf.function(autograph=False)
+        def forward(inp):
+            return tf.tanh(tf.linalg.matmul(inp, w))
+
+        @tf.function(autograph=False)
+        def add(a, b):
+            return a + b
+
+        def run():
+            total = tf.zeros([8, 8])
+            for _ in range(calls):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    out = forward(x)
+                gx, gw = tape.gradient(out, [x, w], output_gradients=tf.ones([8, 8]))
+                total = add(total, gw)
+            return total.numpy()
+        return run
+    import torch
+
+    layer = torch.nn.Linear(8, 8)
+    x = torch.ones(8, 8, requires_grad=True)
+
+    def run_torch():
+        for _ in range(calls):
+            out = torch.tanh(layer(x))
+            out.backward(torch.ones(8, 8))
+    return run_torch
 
 
 def _use_threads(framework: str, threads: int) -> None:
