@@ -823,6 +823,20 @@ def measure_local(framework: str = "", sizes: Sequence[int] = (32, 64, 128, 256,
     return {"matmul": curve, "mem_bw": mem_bw, "mem_curve": mem_curve, "op_overhead": best}
 
 
+def _slowest_best(comm: Any, fn: Any, repeats: int, calls: int = 1) -> float:
+    """``fn``'s best time over ``repeats`` (per call of ``calls``), the slowest rank's."""
+    from mpi4py import MPI
+
+    fn()
+    comm.Barrier()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return comm.allreduce(best, op=MPI.MAX)
+
+
 def measure_comm(comm: Any, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 << 22),
                  repeats: int = 5) -> dict[str, float]:
     """Fit latency and bandwidth of an allreduce and a send/recv among ``comm``'s ranks."""
@@ -833,14 +847,7 @@ def measure_comm(comm: Any, sizes: Sequence[int] = (1 << 10, 1 << 16, 1 << 22),
     rank = comm.Get_rank()
 
     def timed(fn):
-        fn()
-        comm.Barrier()
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - start)
-        return comm.allreduce(best, op=MPI.MAX)
+        return _slowest_best(comm, fn, repeats)
 
     ar, pp = [], []
     for size in sizes:
@@ -928,14 +935,7 @@ def measure_engine(framework: str, comm: Any, net: dict[str, float],
     buf = np.ones(256, dtype=np.float32)
 
     def best_of(fn) -> float:
-        fn()
-        comm.Barrier()
-        best = math.inf
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            best = min(best, (time.perf_counter() - start) / calls)
-        return comm.allreduce(best, op=MPI.MAX)
+        return _slowest_best(comm, fn, repeats, calls)
 
     def blocking():
         for _ in range(calls):
