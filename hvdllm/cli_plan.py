@@ -3,6 +3,7 @@
     hvdllm plan --config FILE [--set ...] --world N [--memory-per-rank GB]
                 [--ranks-per-node K] [--hardware NAME | --calibration FILE] [--top N]
     hvdllm plan --calibrate [--config FILE] [--calibration FILE] [--ranks-per-node K]
+                            [--no-trials]
     hvdllm timeline RUN_DIR [--out FILE.json]
 """
 from __future__ import annotations
@@ -16,6 +17,8 @@ import sys
 from pathlib import Path
 
 COMMANDS = ("plan", "timeline")
+#: set for the ``mpirun`` that ``hvdllm plan --calibrate`` starts of itself
+_CHILD_ENV = "HVDLLM_CALIBRATE_CHILD"
 
 
 def default_calibration(framework: str) -> Path:
@@ -45,7 +48,12 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:
                       help="calibration file to read (or write with --calibrate); default "
                            "~/.cache/hvdllm/calibration-FRAMEWORK.json")
     plan.add_argument("--calibrate", action="store_true",
-                      help="time a matmul, an allreduce and a send/recv here and save them")
+                      help="time a matmul, an allreduce and a send/recv here, train a small "
+                           "model under 4 layouts for a few steps (see --no-trials) and save "
+                           "the figures")
+    plan.add_argument("--no-trials", action="store_true",
+                      help="with --calibrate: skip the training trials (about a minute; they "
+                           "fit the engines' compute, collective and pipeline figures)")
     plan.add_argument("--top", type=int, default=10, metavar="N",
                       help="rows of the table (default 10)")
     plan.add_argument("--json", metavar="FILE", help="also write every prediction as JSON")
@@ -133,7 +141,7 @@ def _calibrate(args: argparse.Namespace, framework: str, path: Path) -> int:
         if args.memory_per_rank:
             cmd += ["--memory-per-rank", str(args.memory_per_rank)]
         child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                 start_new_session=True)
+                                 start_new_session=True, env={**os.environ, _CHILD_ENV: "1"})
         try:
             out, err = child.communicate(timeout=600)
         except subprocess.TimeoutExpired:
@@ -147,6 +155,16 @@ def _calibrate(args: argparse.Namespace, framework: str, path: Path) -> int:
             raise EnvironmentSetupError(f"hvdllm plan --calibrate under mpirun -np 2 failed "
                                         f"(exit {proc.returncode}): {tail[0]}")
         sys.stdout.write(proc.stdout)
+        if not args.no_trials:
+            from .common.plan_trials import calibrate_with_trials
+
+            hw, _ = calibrate_with_trials(framework, planner.load_hardware(path), mpirun)
+            planner.save_hardware(hw, path)
+            sp = hw.sp_collective_overhead or 0.0
+            print(f"wrote {path}: trials fit compute x{hw.compute_factor:.2f}, pipeline "
+                  f"x{hw.pipeline_factor:.2f}, tensor-parallel collective "
+                  f"{hw.collective_overhead * 1e6:.0f} us ({sp * 1e6:.0f} us with sequence "
+                  f"parallelism)")
         return 0
     from .common.launch import world_comm
 
@@ -164,5 +182,8 @@ def _calibrate(args: argparse.Namespace, framework: str, path: Path) -> int:
               f"{hw.intra_bw / 1e9:.2f} GB/s + {hw.intra_latency * 1e6:.1f} us, send "
               f"{hw.p2p_bw / 1e9:.2f} GB/s + {hw.p2p_latency * 1e6:.1f} us, framework "
               f"{baseline / planner.GB:.2f} GB per rank")
+        if _mpi_size() >= 2 and os.environ.get(_CHILD_ENV) != "1" and not args.no_trials:
+            print("training trials skipped: they start their own mpirun; run "
+                  "`hvdllm plan --calibrate` outside mpirun for them")
     return 0
 

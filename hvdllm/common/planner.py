@@ -51,6 +51,11 @@ itself, so the planner never proposes what ``hvdllm train`` would refuse.
 * data parallelism: a ring allreduce of the stage's gradients, partly
   hidden behind the last backward (``Hardware.dp_overlap``), and the optimizer update at memory bandwidth.
 
+Compute is multiplied by ``Hardware.compute_factor`` (and in a pipeline by
+``Hardware.pipeline_factor``), and under tensor parallelism
+``collective_overhead`` (``sp_collective_overhead``) is the per-collective
+cost the calibration's training trials fit (:mod:`hvdllm.common.plan_trials`).
+
 Links: a group whose ranks all sit on one node (``ranks_per_node``
 consecutive ranks) uses the intra-node link, otherwise the inter-node one.
 Hardware comes from :func:`calibrate` (this machine, measured) or from a
@@ -137,6 +142,13 @@ class Hardware:
         action_overhead: seconds of driving one pipeline (micro-batch, chunk)
             forward and backward beyond its compute (Python, graph calls,
             the tape).
+        sp_collective_overhead: :attr:`collective_overhead` under sequence
+            parallelism (None: the same).
+        compute_factor: a real step's compute over the formulas' (fitted
+            by the calibration's data-parallel trial,
+            :mod:`hvdllm.common.plan_trials`; 1 for presets).
+        pipeline_factor: a pipeline stage's compute over a fused step's for
+            the same work (the pipeline trial; 1 for presets).
         overhead: bytes per rank the framework and runtime take before the
             model (added to every prediction's total).
         dp_overlap: the most of the data-parallel allreduce the last
@@ -163,6 +175,9 @@ class Hardware:
     wait_overhead: float = 0.0
     collective_overhead: float = 0.0
     action_overhead: float = 0.0
+    sp_collective_overhead: float | None = None
+    compute_factor: float = 1.0
+    pipeline_factor: float = 1.0
 
     def mem_rate(self, nbytes: float) -> float:
         """Bytes/s of element-wise work on tensors of ``nbytes``: tensors that stay
@@ -509,6 +524,18 @@ def _layer_matmuls(m: Any, tokens: int, tp: int) -> list[float]:
     return out
 
 
+def tp_collective_calls(cfg: Any, layout: Layout) -> int:
+    """Tensor-parallel collectives of one step on one rank: per layer and
+    micro-batch 2 forward and 2 backward (each a reduce-scatter and
+    all-gather pair under sequence parallelism), and 2 for the loss."""
+    if layout.tp <= 1:
+        return 0
+    n_micro = cfg.train.global_batch_size // (layout.micro_batch_size * layout.dp)
+    layers = max(sum(c) for c in _stage_layers(cfg.model.n_layer, layout.pp,
+                                              layout.virtual_stages))
+    return n_micro * (layers * 4 * (2 if layout.sequence_parallel else 1) + 2)
+
+
 def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
     """Seconds of one optimizer step (see the module docstring)."""
     m, t = cfg.model, cfg.train
@@ -537,7 +564,7 @@ def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
     head = (3.0 * head_f / hw.rate(head_f) * share
             + 3 * tokens * vocab * 4 / hw.mem_rate(tokens * vocab * 4) * share)
     per_micro = layers * (fwd_layer + bwd_layer) + head / pp  # the head sits on one stage
-    compute = n_micro * per_micro
+    compute = n_micro * per_micro * hw.compute_factor * (hw.pipeline_factor if pp > 1 else 1.0)
 
     # Tensor parallelism: 2 collectives of the layer activations forward, 2 backward.
     tp_comm = 0.0
@@ -546,10 +573,12 @@ def predict_time(cfg: Any, layout: Layout, hw: Hardware) -> StepTime:
         msg = tokens * m.d_model * act_bytes
         tp_comm = n_micro * layers * 4 * _allreduce(msg, tp, bw, lat) * (share if hw.shared_compute else 1)
         tp_comm += n_micro * 2 * _allreduce(tokens * 4.0, tp, bw, lat)  # the loss statistics
-        # the engine's own cost per collective: sequence parallelism makes each
-        # allreduce a reduce-scatter and all-gather pair
-        calls = n_micro * (layers * 4 * (2 if layout.sequence_parallel else 1) + 2)
-        tp_comm += calls * hw.collective_overhead
+        # the engine's own cost per collective (sequence parallelism makes each
+        # allreduce a reduce-scatter and all-gather pair)
+        per_call = hw.collective_overhead
+        if layout.sequence_parallel and hw.sp_collective_overhead is not None:
+            per_call = hw.sp_collective_overhead
+        tp_comm += tp_collective_calls(cfg, layout) * per_call
 
     # Pipeline: activation and gradient messages per micro-batch per chunk, and the bubble.
     pp_comm = bubble = 0.0
