@@ -1,4 +1,5 @@
 """Tier 1: config loading, overrides and validation."""
+import re
 import tomllib
 
 import pytest
@@ -212,3 +213,19 @@ def test_list_settings_round_trip_through_toml():
     cfg = build_config({}, ["train.profile_steps=[2, 5]"])
     assert cfg.train.profile_steps == [2, 5]
     assert build_config(tomllib.loads(to_toml(cfg))) == cfg
+
+
+@pytest.mark.parametrize("overrides,pattern", [
+    (["parallel.mode=async"], "unknown parallel.mode 'async'"),
+    (["parallel.mode=ps", "parallel.staleness=-1"], "parallel.staleness must be >= 0, got -1"),
+    (["parallel.mode=ps", "parallel.ps_servers=0"], "parallel.ps_servers must be >= 1"),
+    (["parallel.straggler=1"], 'parallel.straggler must be "REPLICA:FACTOR"'),
+    (["parallel.straggler=0:0.5"], "the factor >= 1"),
+    (["parallel.dp=2", "parallel.straggler=2:2"], "names replica 2, but there are dp=2"),
+    (["parallel.mode=ps", "train.zero=1", "parallel.dp=2"], 'needs train.zero = 0'),
+    (["parallel.mode=ps", "train.grad_clip=1.0"], "needs train.grad_clip = 0"),
+    (["parallel.mode=ps", "train.resume=/some/dir"], 'train.resume must be "auto" or "never"'),
+])
+def test_parameter_server_settings_checked_at_config_time(overrides, pattern):
+    with pytest.raises(ConfigError, match=re.escape(pattern)):
+        build_config({}, overrides)

@@ -124,6 +124,18 @@ class ParallelConfig:
             graph are then unbounded.
         flight_record: communication events each rank keeps for its
             ``hang-rank-K.json``.
+        mode: "sync" (every step averages all data-parallel gradients) or
+            "ps": asynchronous training through a sharded parameter server
+            with bounded staleness (:mod:`hvdllm.common.param_server`).  The
+            world is then ``ps_servers`` server ranks (the last ones) plus
+            dp x tp x pp worker ranks; dp counts the worker replicas.
+        ps_servers: server ranks in "ps" mode; they hold the parameters and
+            optimizer state in shards balanced by bytes.
+        staleness: "ps" mode's bound s: a worker at clock c proceeds only
+            when every worker has reached at least c - s (0 = synchronous).
+        straggler: test knob of "ps" and "sync" modes: "R:F" slows worker
+            replica R by a factor F (each of its steps sleeps F - 1 times its
+            compute); "" = off.
     """
 
     dp: int = 1
@@ -137,6 +149,10 @@ class ParallelConfig:
     timeout_sec: float = 300.0
     watchdog: bool = True
     flight_record: int = 256
+    mode: str = "sync"
+    ps_servers: int = 1
+    staleness: int = 0
+    straggler: str = ""
 
 
 @dataclass
@@ -506,6 +522,7 @@ def validate(cfg: Config) -> None:
     _positive("parallel.flight_record", p.flight_record)
     _validate_tensor_parallel(cfg)
     _validate_pipeline(cfg)
+    _validate_parameter_server(cfg)
     _validate_data_parallel_depth(cfg)
     check_supported(cfg)  # what the chosen framework's adapter declares it runs
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_every"):
@@ -627,6 +644,65 @@ def _validate_pipeline(cfg: Config) -> None:
                 f"the interleaved schedule needs the micro-batches per step to divide by "
                 f"parallel.pp: global_batch_size={t.global_batch_size} / (micro_batch_size="
                 f"{t.micro_batch_size} x dp={p.dp}) = {micro} micro-batches, pp={p.pp}")
+
+
+PARALLEL_MODES = ("sync", "ps")
+
+
+def parse_straggler(value: str) -> tuple[int, float] | None:
+    """``parallel.straggler`` "R:F" as (replica R, factor F); None when off."""
+    if not value:
+        return None
+    try:
+        replica, factor = value.split(":")
+        out = int(replica), float(factor)
+    except ValueError:
+        raise ConfigError(f'parallel.straggler must be "REPLICA:FACTOR" (e.g. "1:2"), '
+                          f"got {value!r}") from None
+    if out[0] < 0 or not out[1] >= 1.0:
+        raise ConfigError(f"parallel.straggler {value!r}: the replica must be >= 0 and the "
+                          f"factor >= 1")
+    return out
+
+
+def _validate_parameter_server(cfg: Config) -> None:
+    """``parallel.mode`` and what "ps" mode supports."""
+    p, t = cfg.parallel, cfg.train
+    _choice("parallel.mode", p.mode, PARALLEL_MODES)
+    straggler = parse_straggler(p.straggler)
+    if straggler is not None and straggler[0] >= p.dp:
+        raise ConfigError(f"parallel.straggler {p.straggler!r} names replica {straggler[0]}, "
+                          f"but there are dp={p.dp} replicas (0..{p.dp - 1})")
+    if p.mode != "ps":
+        return
+    if p.ps_servers < 1:
+        raise ConfigError(f"parallel.ps_servers must be >= 1 in ps mode, got {p.ps_servers}")
+    if t.resume not in ("auto", "never"):
+        raise ConfigError(f'parallel.mode = "ps" resumes from its servers\' checkpoints in '
+                          f'output.dir: train.resume must be "auto" or "never", got {t.resume!r}')
+    if p.staleness < 0:
+        raise ConfigError(f"parallel.staleness must be >= 0, got {p.staleness}")
+    unsupported = [(t.zero, "train.zero = 0"), (t.compression != "none",
+                   'train.compression = "none"'), (t.precision != "fp32",
+                   'train.precision = "fp32"'), (t.grad_clip > 0, "train.grad_clip = 0"),
+                   (t.eval_every > 0, "train.eval_every = 0")]
+    for bad, need in unsupported:
+        if bad:
+            raise ConfigError(f'parallel.mode = "ps" needs {need}: the servers run a plain '
+                              f"fp32 optimizer on their shards")
+
+
+def check_ps_world(cfg: Config, world_size: int) -> None:
+    """In "ps" mode the world is ``ps_servers`` + dp x tp x pp; raise if not."""
+    p = cfg.parallel
+    workers = p.dp * p.tp * p.pp
+    if p.ps_servers >= world_size:
+        raise ConfigError(f"parallel.ps_servers = {p.ps_servers} leaves no worker: the world "
+                          f"has {world_size} ranks")
+    if p.ps_servers + workers != world_size:
+        raise ConfigError(f"parallel.ps_servers = {p.ps_servers} plus dp={p.dp} x tp={p.tp} x "
+                          f"pp={p.pp} = {workers} worker ranks is {p.ps_servers + workers}, but "
+                          f"the job has world size {world_size}")
 
 
 def _validate_tokenizer(cfg: "Config") -> None:

@@ -164,6 +164,48 @@ class TensorFlowEngine:
                 loss, grads = graph(xs, ys, scale)
         return float(loss), (grads if self._flat_grads else list(grads))
 
+    # -- parameter-server mode (hvdllm.train.ps_runner) ---------------------
+    def compute_gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        """The step up to the optimizer, for a worker replica of its own (dp 1): the
+        gradients, summed over TP where sequence parallelism needs it and over
+        the tied embedding's stages, are kept for :meth:`ps_gradients`."""
+        if self.groups.dp.size != 1:
+            raise RuntimeError("compute_gradients is for a worker replica of dp 1")
+        if self.pipeline is not None:
+            loss, grads = self.pipeline.train_step(micro_batches,
+                                                   loss_scale=self.update.loss_scale)
+        else:
+            loss, grads = self._gradients(micro_batches)
+        if isinstance(grads, tf.Tensor):
+            self._ps_grads = grads.numpy()
+            return loss
+        grads = self.update._dense(grads)
+        if self._sp_reduce is not None:
+            grads = list(self._sp_reduce(grads))
+        if self.pipeline is not None:
+            grads = self.pipeline.reduce_tied_grads(grads)
+        self._ps_grads = np.concatenate([np.asarray(g, np.float32).reshape(-1) for g in grads])
+        return loss
+
+    def ps_decay_mask(self) -> np.ndarray:
+        """Per float of the flat vector: weight decay applies (matrices only)."""
+        return np.concatenate([np.full(int(np.prod(v.shape)), len(v.shape) >= 2, np.uint8)
+                               for v in self.variables])
+
+    def ps_get(self) -> np.ndarray:
+        return np.concatenate([np.asarray(v.numpy(), np.float32).reshape(-1)
+                               for v in self.variables])
+
+    def ps_set(self, flat: np.ndarray) -> None:
+        offset = 0
+        for v in self.variables:
+            n = int(np.prod(v.shape))
+            v.assign(flat[offset:offset + n].reshape(v.shape))
+            offset += n
+
+    def ps_gradients(self) -> np.ndarray:
+        return self._ps_grads
+
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
         prof = timeline.current()

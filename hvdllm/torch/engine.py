@@ -110,6 +110,14 @@ class TorchEngine:
 
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
+        loss = self.compute_gradients(micro_batches)
+        with timeline.current().span("optimizer"):
+            self._metrics = self.update.apply(lr).as_metrics()
+        return loss
+
+    def compute_gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
+        """The step up to the optimizer: gradients averaged over the micro-batches and
+        the data-parallel group, in each parameter's ``.grad``; returns the loss."""
         self.model.train()
         self.update.zero_grad()
         if self.pipeline is not None:
@@ -135,9 +143,32 @@ class TorchEngine:
             self.tp.all_reduce_grads(self._tp_replicated)
             if self.pipeline is not None:
                 self.pipeline.reduce_tied_grads()
-        with prof.span("optimizer"):
-            self._metrics = self.update.apply(lr).as_metrics()
         return loss
+
+    # -- parameter-server mode (hvdllm.train.ps_runner) ---------------------
+    def ps_parameters(self) -> list[torch.nn.Parameter]:
+        """This rank's trained parameters, in the order of its flat vector."""
+        return [p for _, p in self.update.named_params]
+
+    def ps_decay_mask(self) -> np.ndarray:
+        """Per float of the flat vector: weight decay applies (matrices only)."""
+        return np.concatenate([np.full(p.numel(), p.dim() >= 2, np.uint8)
+                               for p in self.ps_parameters()])
+
+    def ps_get(self) -> np.ndarray:
+        return torch.cat([p.detach().reshape(-1) for p in self.ps_parameters()]).numpy()
+
+    def ps_set(self, flat: np.ndarray) -> None:
+        with torch.no_grad():
+            offset = 0
+            for p in self.ps_parameters():
+                n = p.numel()
+                p.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(p))
+                offset += n
+
+    def ps_gradients(self) -> np.ndarray:
+        return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
+                          for p in self.ps_parameters()]).numpy()
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:

@@ -79,6 +79,10 @@ def _load_adapter(framework: str) -> Any:
 
 def train(cfg: Config) -> TrainSummary:
     """Run ``hvdllm train`` for an already validated config."""
+    if cfg.parallel.mode == "ps":
+        from .ps_runner import train_ps
+
+        return train_ps(cfg)
     comm = world_comm()
     rank, size = comm.Get_rank(), comm.Get_size()
     error: HvdllmError | None = None

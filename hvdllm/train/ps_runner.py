@@ -1,0 +1,191 @@
+"""``hvdllm train`` with ``parallel.mode = "ps"``: servers and workers.
+
+The world is ``parallel.ps_servers`` server ranks (the last ones) plus
+dp x tp x pp worker ranks.  Servers run :class:`~hvdllm.common.param_server.ParameterServer`
+(numpy only); the first server writes ``metrics.jsonl`` (one record per
+applied update: the mean loss of the replicas' gradients, the staleness
+of each, the wall time).  Each worker replica is a tp x pp engine of its
+own (Horovod is started on the replica's ranks only, so there is no
+data-parallel sync); it computes the gradient of each step on its slice of
+the global batch, pushes it and pulls parameters within the staleness bound.
+
+What a worker replica may hold: tp and pp as in sync mode.  Each (tp, pp)
+rank has its own parameter space on the servers; ranks that keep
+identical copies of a tensor (norms under plain tensor parallelism, GPT's
+tied embedding on the first and last stages) push identical gradients, so
+the copies stay equal.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+from ..common.config import Config, check_ps_world, parse_straggler, to_toml
+from ..common.data import ShardedBatchSampler, load_datasets
+from ..common.errors import HvdllmError
+from ..common.failure import install_failure_handler
+from ..common.launch import check_launcher, threads_per_rank, world_comm
+from ..common.metrics import MetricsWriter, _summary_writer_class
+from ..common.param_server import (OptimizerSpec, ParameterServer, ServerClient, UpdateRecord,
+                                   load_shards, newest_complete, save_shards)
+from ..common.topology import Topology
+from ..common.checkpoint_writer import check_writable
+from .loop import TrainSummary, learning_rate
+
+
+def replica_config(cfg: Config) -> Config:
+    """The config one worker replica runs: dp 1, its share of the global batch."""
+    p, t = cfg.parallel, cfg.train
+    return dataclasses.replace(
+        cfg, parallel=dataclasses.replace(p, dp=1, mode="sync", straggler=""),
+        train=dataclasses.replace(t, global_batch_size=t.global_batch_size // p.dp))
+
+
+def train_ps(cfg: Config) -> TrainSummary:
+    """Run a parameter-server job; every rank returns the run's summary."""
+    from .runner import _agree, _load_adapter
+
+    comm = world_comm()
+    rank, size = comm.Get_rank(), comm.Get_size()
+    p, t = cfg.parallel, cfg.train
+    workers = p.dp * p.tp * p.pp
+    is_server = rank >= workers
+    error: HvdllmError | None = None
+    windows = engine_mod = dist_mod = None
+    try:
+        check_launcher(comm)
+        check_ps_world(cfg, size)
+        check_writable(cfg.output.dir)
+        if is_server:
+            if rank == workers:
+                _summary_writer_class()
+        else:
+            windows, _ = load_datasets(cfg.data.path, cfg.data.val_fraction, cfg.data.val_path,
+                                       cfg.model.seq_len, cfg.data.tokenizer)
+            engine_mod, dist_mod = _load_adapter(t.framework)
+    except HvdllmError as exc:
+        error = exc
+    _agree(comm, error, p.timeout_sec)
+    install_failure_handler(comm)
+    servers = list(range(workers, size))
+    # The first server picks the step to resume from: the newest checkpoint
+    # that every server wrote (its shards hold all the state there is).
+    start = 0
+    if rank == workers and t.resume == "auto":
+        start = newest_complete(cfg.output.dir, len(servers), t.steps)
+    start = comm.bcast(start, root=workers)
+    if start >= t.steps and start > 0:
+        if rank == 0:
+            print(f"hvdllm: this run already finished: its parameter-server checkpoint is at "
+                  f"step {start} of train.steps = {t.steps}; nothing to do", flush=True)
+        return TrainSummary(steps=start, first_step=start + 1)
+    sub = comm.Split(1 if is_server else 0, rank)
+    topo = Topology(p.dp, p.tp, p.pp)
+    if rank == 0:
+        print(f"hvdllm: parameter-server mode: {len(servers)} server(s) (ranks "
+              f"{servers[0]}-{servers[-1]}) and {p.dp} worker replica(s) of tp {p.tp} x pp "
+              f"{p.pp}; staleness bound {p.staleness}"
+              + (f"; resuming after step {start}" if start else ""), flush=True)
+    if is_server:
+        return _serve(cfg, comm, servers, topo, start)
+    replica, tp_rank, pp_rank = topo.coords(rank)
+    space = tp_rank + p.tp * pp_rank
+    replica_comm = sub.Split(replica, space)
+    rcfg = replica_config(cfg)
+    groups = dist_mod.init_groups(Topology(1, p.tp, p.pp), replica_comm, p.timeout_sec,
+                                  horovod_dp=False)
+    engine = engine_mod.build_engine(rcfg, groups, threads=threads_per_rank(comm))
+    return _work(cfg, comm, engine, windows, servers, replica, space, start)
+
+
+def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
+           start: int) -> TrainSummary:
+    p, t = cfg.parallel, cfg.train
+    rank = comm.Get_rank()
+    index = servers.index(rank)
+    writer = MetricsWriter(cfg.output.dir, enabled=index == 0)
+    writer.write_config(to_toml(cfg))
+    writer.open(keep_until=start if start else None)
+    tokens = t.global_batch_size * cfg.model.seq_len
+    summary = TrainSummary(first_step=start + 1)
+    states = load_shards(cfg.output.dir, start, index) if start else None
+    last = [0.0]
+
+    def log(rec: UpdateRecord) -> None:
+        elapsed = rec.time
+        record = {"step": rec.clock + 1, "loss": rec.loss, "lr": rec.lr,
+                  "tokens_per_sec": tokens / max(elapsed - last[0], 1e-9),
+                  "elapsed_sec": elapsed, "staleness": rec.staleness,
+                  "staleness_max": max(rec.staleness)}
+        last[0] = elapsed
+        writer.log(record)
+        summary.losses.append(rec.loss)
+
+    def coords(r: int) -> tuple[int, int]:
+        d, tp_rank, pp_rank = topo.coords(r)
+        return d, tp_rank + p.tp * pp_rank
+
+    server = ParameterServer(comm, range(topo.world_size), coords, p.dp, p.tp * p.pp, index,
+                             len(servers), t.steps, lambda step: learning_rate(step, cfg),
+                             OptimizerSpec.from_config(t), p.timeout_sec,
+                             on_update=log if index == 0 else None, first_clock=start,
+                             save=lambda step, spaces: save_shards(cfg.output.dir, step, index,
+                                                                   len(servers), spaces),
+                             save_every=cfg.output.checkpoint_every,
+                             save_last=cfg.output.checkpoint)
+    began = time.perf_counter()
+    try:
+        server.receive_spaces(states)
+        server.serve()
+    finally:
+        writer.close()
+    summary.steps = t.steps
+    summary.elapsed_sec = time.perf_counter() - began
+    if index == 0 and server.updates:
+        worst = max(max(u.staleness) for u in server.updates)
+        print(f"hvdllm: done steps {start + 1}-{t.steps} in {summary.elapsed_sec:.1f}s on "
+              f"{len(servers)} server(s) and {p.dp} worker replica(s); loss "
+              f"{server.updates[0].loss:.4f} -> {server.updates[-1].loss:.4f}; largest "
+              f"staleness {worst} (bound {p.staleness}); metrics in "
+              f"{cfg.output.dir}/metrics.jsonl", flush=True)
+    summary.staleness = [u.staleness for u in server.updates]  # type: ignore[attr-defined]
+    return summary
+
+
+def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
+          replica: int, space: int, start: int) -> TrainSummary:
+    p, t = cfg.parallel, cfg.train
+    sampler = ShardedBatchSampler(len(windows), t.global_batch_size, t.micro_batch_size,
+                                  replica, p.dp, t.seed)
+    sampler.state.consumed = start * t.global_batch_size  # the data order is the step's
+    straggler = parse_straggler(p.straggler)
+    slow = straggler[1] if straggler is not None and straggler[0] == replica else 1.0
+    params = engine.ps_get()
+    client = ServerClient(comm, servers, space, replica, params.size, p.timeout_sec)
+    client.hello(params, engine.ps_decay_mask())
+    client.pull(start, params)
+    engine.ps_set(params)
+    summary = TrainSummary(first_step=start + 1)
+    began_run = time.perf_counter()
+    for clock in range(start, t.steps):
+        micro = [windows.batch(indices) for indices in sampler.next_step()]
+        began = time.perf_counter()
+        loss = engine.compute_gradients(micro)
+        grads = engine.ps_gradients()
+        if slow > 1.0:  # the straggler knob: this replica takes `slow` times as long
+            time.sleep((slow - 1.0) * (time.perf_counter() - began))
+        client.push(clock, grads, loss)
+        summary.losses.append(loss)
+        if clock + 1 < t.steps:
+            client.pull(clock + 1 - p.staleness, params)
+            engine.ps_set(params)
+    client.bye()
+    summary.steps = t.steps
+    summary.elapsed_sec = time.perf_counter() - began_run
+    if os.environ.get("HVDLLM_VERBOSE"):
+        print(f"hvdllm: worker rank {comm.Get_rank()} (replica {replica}) done", flush=True)
+    return summary

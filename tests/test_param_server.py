@@ -1,0 +1,136 @@
+"""Parameter-server mode (``parallel.mode = "ps"``): SSP with bounded staleness.
+
+* ``staleness = 0`` trains exactly like synchronous data parallelism: the
+  same loss at each of 20 steps within 1e-5 relative (fp32, AdamW and SGD
+  with torch workers, AdamW with TensorFlow's);
+* with one replica slowed (``parallel.straggler``), every update's observed
+  staleness stays within ``s`` and reaches it;
+* a frozen server or worker ends the job within the deadline, with an error
+  that names the rank;
+* a run resumed from the servers' checkpoint continues bit for bit;
+* bad layouts fail with one line.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import hvdllm_cmd, mpirun_prefix, read_metrics, run, run_ok
+
+pytestmark = pytest.mark.multirank
+STEPS = 20
+MODEL = ["model.family=gpt", "model.n_head=4", "model.d_model=32", "model.seq_len=16",
+         "model.vocab_size=259", "model.n_layer=2", "train.global_batch_size=8",
+         "train.micro_batch_size=2", "train.lr=3e-3", "output.checkpoint=false"]
+FAULT = str(Path(__file__).parent / "mpi_scripts" / "ps_with_fault.py")
+
+
+def _args(sets):
+    return [a for item in sets for a in ("--set", item)]
+
+
+def _train(tmp_path, name, ranks, sets, steps=STEPS):
+    out = tmp_path / name
+    cmd = hvdllm_cmd("train", *_args(MODEL + [f"train.steps={steps}", f"output.dir={out}"]
+                                      + list(sets)))
+    run_ok(mpirun_prefix(ranks) + cmd, timeout=600)
+    records = read_metrics(out)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    return records
+
+
+@pytest.mark.parametrize("framework,optimizer", [("torch", "adamw"), ("torch", "sgd"),
+                                                  ("tensorflow", "adamw")])
+def test_staleness_zero_is_synchronous(tmp_path, framework, optimizer):
+    opt = [f"train.optimizer={optimizer}", "train.weight_decay=0.1",
+           f"train.framework={framework}"]
+    sync = _train(tmp_path, "sync", 2, ["parallel.dp=2"] + opt)
+    ps = _train(tmp_path, "ps", 3, ["parallel.dp=2", "parallel.mode=ps"] + opt)
+    a = np.array([r["loss"] for r in sync])
+    b = np.array([r["loss"] for r in ps])
+    np.testing.assert_allclose(b, a, rtol=1e-5)
+    assert a[-1] < a[0] - 0.1  # it trains
+    assert all(r["staleness"] == [0, 0] for r in ps)
+
+
+def test_staleness_is_bounded_and_reached_under_a_straggler(tmp_path):
+    """Replica 1 runs 3x slower; replica 0 runs ahead by at most s = 2 clocks."""
+    ps = _train(tmp_path, "ps", 3, ["parallel.dp=2", "parallel.mode=ps", "parallel.staleness=2",
+                                    "parallel.straggler=1:3"])
+    seen = [s for r in ps for s in r["staleness"]]
+    assert max(seen) == 2 and min(seen) >= 0, seen
+    # the fast replica is the stale one; the straggler always sees fresh parameters
+    assert max(r["staleness"][0] for r in ps) == 2
+    assert all(r["staleness_max"] == max(r["staleness"]) for r in ps)
+    losses = [r["loss"] for r in ps]
+    assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.slow
+def test_two_servers_and_tensor_parallel_workers(tmp_path):
+    """2 servers + 2 replicas of tp=2: the same losses as synchronous dp=2 x tp=2."""
+    sync = _train(tmp_path, "sync", 4, ["parallel.dp=2", "parallel.tp=2"], steps=8)
+    ps = _train(tmp_path, "ps", 6, ["parallel.dp=2", "parallel.tp=2", "parallel.mode=ps",
+                                    "parallel.ps_servers=2"], steps=8)
+    np.testing.assert_allclose([r["loss"] for r in ps], [r["loss"] for r in sync], rtol=1e-5)
+
+
+@pytest.mark.parametrize("role,rank,who", [
+    ("server", 2, r"parameter server rank\(s\) 2 stopped answering"),
+    ("worker", 1, r"worker rank\(s\) 1 \(last pushed clock 3\)")])
+def test_a_frozen_rank_is_named(tmp_path, role, rank, who):
+    cmd = [sys.executable, FAULT, role, str(rank), "4", "--", "train",
+           *_args(MODEL + ["parallel.dp=2", "parallel.mode=ps", "parallel.timeout_sec=5",
+                           "train.steps=30", f"output.dir={tmp_path}"])]
+    res = run(mpirun_prefix(3) + cmd, timeout=240)
+    ended = time.time()
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    fault = float(re.search(r"fault on rank \d+ at ([0-9.]+)", out).group(1))
+    assert ended - fault < 30, (ended - fault, out[-3000:])
+    assert re.search(who, out), out[-3000:]
+
+
+@pytest.mark.parametrize("ranks,sets,needle", [
+    (2, ["parallel.ps_servers=2"], "parallel.ps_servers = 2 leaves no worker: the world has 2"),
+    (3, ["parallel.dp=2", "parallel.tp=2"],
+     "plus dp=2 x tp=2 x pp=1 = 4 worker ranks is 5, but the job has world size 3"),
+])
+def test_bad_layouts_fail_in_one_line(tmp_path, ranks, sets, needle):
+    cmd = hvdllm_cmd("train", *_args(MODEL + ["parallel.mode=ps", "train.steps=2",
+                                              f"output.dir={tmp_path}"] + sets))
+    res = run(mpirun_prefix(ranks) + cmd, timeout=240)
+    assert res.returncode != 0
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if needle in line]
+    assert lines, (res.stdout + res.stderr)[-3000:]
+
+
+def test_resume_from_the_servers_checkpoint_is_bitwise(tmp_path):
+    """20 steps straight, against 10 steps (saved at 5 and 10) resumed to 20 in the
+    same directory: the same losses, bit for bit (s = 0)."""
+    ps = ["parallel.dp=2", "parallel.mode=ps", "output.checkpoint=true",
+          "output.checkpoint_every=5"]
+    whole = _train(tmp_path, "whole", 3, ps)
+    _train(tmp_path, "parts", 3, ps, steps=10)
+    assert (tmp_path / "parts" / "ps_checkpoints" / "step-00000010" / "server-0.npz").is_file()
+    parts = _train(tmp_path, "parts", 3, ps)
+    assert [r["loss"] for r in parts] == [r["loss"] for r in whole]
+
+
+def test_newest_complete_checkpoint_needs_every_server(tmp_path):
+    from hvdllm.common import param_server as ps
+
+    state = {0: {"params": np.arange(3, dtype=np.float32), "step": np.array(4)}}
+    for index in (0, 1):
+        ps.save_shards(tmp_path, 4, index, 2, state)
+    ps.save_shards(tmp_path, 8, 0, 2, state)  # server 1 never wrote step 8
+    assert ps.newest_complete(tmp_path, 2, 100) == 4
+    assert ps.newest_complete(tmp_path, 2, 3) == 0
+    loaded = ps.load_shards(tmp_path, 4, 1)
+    np.testing.assert_array_equal(loaded[0]["params"], state[0]["params"])
+    assert int(loaded[0]["step"]) == 4
