@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import statistics
@@ -62,17 +61,10 @@ LAYOUTS = [
 ]
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)})
-    if os.geteuid() == 0:
-        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
-    return env
+from launch_common import mpirun, train_env  # noqa: E402  (benchmarks/)
 
-
-def _mpirun() -> str:
-    here = Path(sys.executable).parent / "mpirun"
-    return str(here) if here.exists() else (shutil.which("mpirun") or "mpirun")
+_env = train_env
+_mpirun = mpirun
 
 
 def _train(framework: str, sets: list[str], steps: int, work: Path,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -35,17 +34,10 @@ MODEL = ["model.family=gpt", "model.n_layer=2", "model.d_model=64", "model.n_hea
 SMOOTH = 5
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update({"TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(REPO)})
-    if os.geteuid() == 0:
-        env.update({"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
-    return env
+from launch_common import mpirun, train_env  # noqa: E402  (benchmarks/)
 
-
-def _mpirun() -> str:
-    here = Path(sys.executable).parent / "mpirun"
-    return str(here) if here.exists() else (shutil.which("mpirun") or "mpirun")
+_env = train_env
+_mpirun = mpirun
 
 
 def run(name: str, sets: list[str], steps: int, framework: str, out: Path) -> dict:
