@@ -1,18 +1,22 @@
 """Parameter-server mode against synchronous DP, with and without a straggler.
 
-    python benchmarks/ps_straggler.py [--steps 60] [--framework torch] [--out DIR]
+    python benchmarks/ps_straggler.py [--steps 100] [--ps-steps 1.5] [--lr 1e-3]
+                                      [--framework torch] [--out DIR]
 
 Four ranks of this machine (oversubscribed when it has fewer cores), one
 small GPT, the same global batch and seed in every run:
 
 * ``sync``: ``parallel.mode = "sync"``, dp = 4 on all four ranks;
 * ``1+3 s=S`` and ``2+2 s=S``: 1 server and 3 worker replicas, or 2 and 2,
-  with staleness S in 1, 2, 4;
+  with staleness S in 0, 1, 2, 4;
 
 each once as it is and once with the last replica slowed 2x
-(``parallel.straggler = "R:2"``: it sleeps as long as it computed).  For each
-run: the wall time, the final loss (mean of the last 5 steps) and the wall
-time at which the loss, averaged over 5 steps, first reaches the sync run's
+(``parallel.straggler = "R:2"``: after each forward and backward it sleeps as
+long as they took).  The sync run trains ``--steps`` steps, the others 1.5x
+as many, so that a run slowed per step by stale gradients can still reach
+the sync run's final loss.  For each
+run: the wall time, the final loss (mean of the last 10 steps) and the wall
+time at which the loss, averaged over 10 steps, first reaches the sync run's
 final loss; the ratio of that to the sync run's wall time (target for
 ``1+3 s=2`` under the straggler: <= 0.75).  ``--out DIR`` keeps the runs and
 writes ``DIR/ps_straggler.png``: loss against wall time and against samples.
@@ -30,8 +34,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["model.family=gpt", "model.n_layer=2", "model.d_model=64", "model.n_head=4",
          "model.seq_len=64", "train.global_batch_size=24", "train.micro_batch_size=2",
-         "train.lr=3e-3", "output.checkpoint=false", "train.log_every=1"]
-SMOOTH = 5
+         "output.checkpoint=false", "train.log_every=1"]
+SMOOTH = 10
 
 
 from launch_common import mpirun, train_env  # noqa: E402  (benchmarks/)
@@ -95,29 +99,34 @@ def plot(runs: list[dict], path: Path, batch: int) -> None:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--framework", default="torch", choices=["torch", "tensorflow"])
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--ps-steps", type=float, default=1.5,
+                    help="parameter-server runs take this many times --steps, so that stale "
+                         "runs can reach the sync run's final loss")
     ap.add_argument("--out", help="keep the runs here and write the plot")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ps-straggler-"))
     out.mkdir(parents=True, exist_ok=True)
-    configs = [("sync", ["parallel.dp=4"], 3)]
+    configs = [("sync", ["parallel.dp=4", f"train.lr={args.lr}"], 3)]
     for servers, workers in ((1, 3), (2, 2)):
-        for s in (1, 2, 4):
+        for s in (0, 1, 2, 4):
             configs.append((f"{servers}+{workers} s={s}",
-                            [f"parallel.dp={workers}", "parallel.mode=ps",
+                            [f"parallel.dp={workers}", "parallel.mode=ps", f"train.lr={args.lr}",
                              f"parallel.ps_servers={servers}", f"parallel.staleness={s}"],
                             workers - 1))
     runs = []
     for slowed in (False, True):
         for name, sets, last in configs:
             extra = [f"parallel.straggler={last}:2"] if slowed else []
-            r = run(name + (" slowed" if slowed else ""), sets + extra, args.steps,
+            steps = args.steps if name == "sync" else round(args.steps * args.ps_steps)
+            r = run(name + (" slowed" if slowed else ""), sets + extra, steps,
                     args.framework, out)
             r["slowed"] = slowed
             r["base"] = name
             runs.append(r)
-            print(f"{r['name']:<18} wall {r['time'][-1]:7.2f} s  final loss "
+            print(f"{r['name']:<18} {steps:4d} steps, wall {r['time'][-1]:7.2f} s  final loss "
                   f"{sum(r['loss'][-SMOOTH:]) / SMOOTH:.4f}  max staleness "
                   f"{r['staleness_max']}", flush=True)
     print()

@@ -133,9 +133,10 @@ class ParallelConfig:
             optimizer state in shards balanced by bytes.
         staleness: "ps" mode's bound s: a worker at clock c proceeds only
             when every worker has reached at least c - s (0 = synchronous).
-        straggler: test knob of "ps" and "sync" modes: "R:F" slows worker
-            replica R by a factor F (each of its steps sleeps F - 1 times its
-            compute); "" = off.
+        straggler: test knob of "ps" and "sync" modes: "R:F" slows data-parallel
+            (worker) replica R by a factor F: after each step's forward and
+            backward, before its gradients leave, it sleeps F - 1 times as
+            long as they took; "" = off.
     """
 
     dp: int = 1
@@ -647,6 +648,15 @@ def _validate_pipeline(cfg: Config) -> None:
 
 
 PARALLEL_MODES = ("sync", "ps")
+
+
+def straggle(factor: float, began: float) -> None:
+    """The ``parallel.straggler`` knob: having computed since ``began``
+    (``time.perf_counter()``), sleep ``factor - 1`` times as long."""
+    if factor > 1.0:
+        import time
+
+        time.sleep((factor - 1.0) * (time.perf_counter() - began))
 
 
 def parse_straggler(value: str) -> tuple[int, float] | None:

@@ -240,6 +240,7 @@ class ParameterServer:
         if len(self.spaces) != self.n_spaces:
             raise ParameterServerError(f"parameter server: {len(self.spaces)} spaces had a "
                                        f"first-replica rank, expected {self.n_spaces}")
+        self._start = time.monotonic()  # the updates' clock starts with training
 
     # -- the loop ----------------------------------------------------------
     def serve(self) -> list[UpdateRecord]:

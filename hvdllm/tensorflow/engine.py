@@ -1,6 +1,7 @@
 """The TensorFlow training engine: Keras model, tensor and pipeline parallelism, optimizer, DP sync."""
 from __future__ import annotations
 
+import time
 import warnings
 from typing import Sequence
 
@@ -9,7 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from ..common import timeline, watchdog
-from ..common.config import Config
+from ..common.config import Config, straggle
 from ..common.family import family_spec
 from ..common.init_from import initial_tensors
 from ..common.topology import ParallelGroups
@@ -94,6 +95,7 @@ class TensorFlowEngine:
         self.variables = update.variables
         self.optimizer = update.optimizer
         self._metrics: dict = {}
+        self.slow_factor = 1.0  # parallel.straggler: this replica's slow-down
         # Traced once per micro-batch layout; calling the concrete graph directly
         # skips tf.function's per-call argument matching.
         self._accumulate = tf.function(self._accumulate_graph)
@@ -171,11 +173,13 @@ class TensorFlowEngine:
         the tied embedding's stages, are kept for :meth:`ps_gradients`."""
         if self.groups.dp.size != 1:
             raise RuntimeError("compute_gradients is for a worker replica of dp 1")
+        began = time.perf_counter()
         if self.pipeline is not None:
             loss, grads = self.pipeline.train_step(micro_batches,
                                                    loss_scale=self.update.loss_scale)
         else:
             loss, grads = self._gradients(micro_batches)
+        straggle(self.slow_factor, began)
         if isinstance(grads, tf.Tensor):
             self._ps_grads = grads.numpy()
             return loss
@@ -209,6 +213,7 @@ class TensorFlowEngine:
     def train_step(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]],
                    lr: float) -> float:
         prof = timeline.current()
+        began = time.perf_counter()
         if self.pipeline is not None:
             loss, grads = self.pipeline.train_step(micro_batches,
                                                    loss_scale=self.update.loss_scale)
@@ -216,6 +221,7 @@ class TensorFlowEngine:
             # one graph runs every micro-batch's forward and backward
             with prof.span("forward+backward", micro_batches=len(micro_batches)):
                 loss, grads = self._gradients(micro_batches)
+        straggle(self.slow_factor, began)  # parallel.straggler, before the gradients leave
         with prof.span("grad sync"):
             if self._sp_reduce is not None:
                 tp = self.groups.tp

@@ -1,13 +1,14 @@
 """The PyTorch training engine: model, tensor and pipeline parallelism, optimizer, DP sync."""
 from __future__ import annotations
 
+import time
 from typing import Sequence
 
 import numpy as np
 import torch
 
 from ..common import timeline, watchdog
-from ..common.config import Config
+from ..common.config import Config, straggle
 from ..common.topology import ParallelGroups
 from ..common.family import family_spec
 from ..common.train_checkpoint import CheckpointReader, RankState
@@ -102,6 +103,7 @@ class TorchEngine:
         self._log_lines = log_lines
         self._tp_replicated = replicated_parameters(model) if tp.sequence_parallel else []
         self._metrics: dict = {}
+        self.slow_factor = 1.0  # parallel.straggler: this replica's slow-down
         self.state = TorchState(model, update, groups, cfg.train.optimizer,
                                 family_spec(cfg.model))
 
@@ -118,6 +120,7 @@ class TorchEngine:
     def compute_gradients(self, micro_batches: Sequence[tuple[np.ndarray, np.ndarray]]) -> float:
         """The step up to the optimizer: gradients averaged over the micro-batches and
         the data-parallel group, in each parameter's ``.grad``; returns the loss."""
+        began = time.perf_counter()
         self.model.train()
         self.update.zero_grad()
         if self.pipeline is not None:
@@ -137,6 +140,7 @@ class TorchEngine:
                     self.update.backward(loss / n, last=i == n - 1)
                 total += loss.item()
             loss = total / n
+        straggle(self.slow_factor, began)  # parallel.straggler, before the gradients leave
         prof = timeline.current()
         with prof.span("grad sync"):
             self.update.reduce_gradients()

@@ -105,7 +105,8 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
                                   dp_rank, groups.topology.dp, t.seed)
     checkpoints = RunCheckpoints(cfg, groups, engine, sampler)
     straggler = parse_straggler(cfg.parallel.straggler)
-    slow = straggler[1] if straggler is not None and straggler[0] == dp_rank else 1.0
+    if straggler is not None and straggler[0] == dp_rank:
+        engine.slow_factor = straggler[1]  # it sleeps after each forward and backward
     try:
         done = checkpoints.restore(resume or ResumePoint())
         writer.open(keep_until=done if done else None)
@@ -122,10 +123,7 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
             prof.at_step(step)
             micro = [windows.batch(indices) for indices in sampler.next_step()]
             lr = learning_rate(step, cfg)
-            began = time.perf_counter()
             local_loss = engine.train_step(micro, lr)
-            if slow > 1.0:  # parallel.straggler: this replica takes `slow` times as long
-                time.sleep((slow - 1.0) * (time.perf_counter() - began))
             window_steps += 1
             val_loss = None
             if evaluate is not None and (step % t.eval_every == 0 or step == t.steps):

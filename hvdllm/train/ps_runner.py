@@ -163,7 +163,8 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
                                   replica, p.dp, t.seed)
     sampler.state.consumed = start * t.global_batch_size  # the data order is the step's
     straggler = parse_straggler(p.straggler)
-    slow = straggler[1] if straggler is not None and straggler[0] == replica else 1.0
+    if straggler is not None and straggler[0] == replica:
+        engine.slow_factor = straggler[1]
     params = engine.ps_get()
     client = ServerClient(comm, servers, space, replica, params.size, p.timeout_sec)
     client.hello(params, engine.ps_decay_mask())
@@ -173,11 +174,8 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
     began_run = time.perf_counter()
     for clock in range(start, t.steps):
         micro = [windows.batch(indices) for indices in sampler.next_step()]
-        began = time.perf_counter()
-        loss = engine.compute_gradients(micro)
+        loss = engine.compute_gradients(micro)  # a straggler sleeps in there
         grads = engine.ps_gradients()
-        if slow > 1.0:  # the straggler knob: this replica takes `slow` times as long
-            time.sleep((slow - 1.0) * (time.perf_counter() - began))
         client.push(clock, grads, loss)
         summary.losses.append(loss)
         if clock + 1 < t.steps:
