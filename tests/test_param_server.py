@@ -72,11 +72,12 @@ def test_staleness_is_bounded_and_reached_under_a_straggler(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_servers_and_tensor_parallel_workers(tmp_path):
-    """2 servers + 2 replicas of tp=2: the same losses as synchronous dp=2 x tp=2."""
-    sync = _train(tmp_path, "sync", 4, ["parallel.dp=2", "parallel.tp=2"], steps=8)
-    ps = _train(tmp_path, "ps", 6, ["parallel.dp=2", "parallel.tp=2", "parallel.mode=ps",
-                                    "parallel.ps_servers=2"], steps=8)
+@pytest.mark.parametrize("inside,servers", [("parallel.tp=2", 2), ("parallel.pp=2", 1)])
+def test_tensor_and_pipeline_parallel_replicas(tmp_path, inside, servers):
+    """Replicas of tp=2 (on 2 servers) or pp=2: the same losses as synchronous dp=2 x that."""
+    sync = _train(tmp_path, "sync", 4, ["parallel.dp=2", inside], steps=8)
+    ps = _train(tmp_path, "ps", 4 + servers, ["parallel.dp=2", inside, "parallel.mode=ps",
+                                              f"parallel.ps_servers={servers}"], steps=8)
     np.testing.assert_allclose([r["loss"] for r in ps], [r["loss"] for r in sync], rtol=1e-5)
 
 
