@@ -10,9 +10,9 @@ small GPT, the same global batch and seed in every run:
 * ``1+3 s=S`` and ``2+2 s=S``: 1 server and 3 worker replicas, or 2 and 2,
   with staleness S in 0, 1, 2, 4;
 
-each once as it is and once with the last replica slowed 2x
-(``parallel.straggler = "R:2"``: after each forward and backward it sleeps as
-long as they took).  The sync run trains ``--steps`` steps, the others 1.5x
+each as it is, with the last replica slowed 2x (``parallel.straggler =
+"R:2"``: after each forward and backward it sleeps as long as they took),
+and with one replica per step slowed 2x (``"*:2"``, a transient straggler).  The sync run trains ``--steps`` steps, the others 1.5x
 as many, so that a run slowed per step by stale gradients can still reach
 the sync run's final loss.  For each
 run: the wall time, the final loss (mean of the last 10 steps) and the wall
@@ -36,6 +36,9 @@ MODEL = ["model.family=gpt", "model.n_layer=2", "model.d_model=64", "model.n_hea
          "model.seq_len=64", "train.global_batch_size=24", "train.micro_batch_size=2",
          "output.checkpoint=false", "train.log_every=1"]
 SMOOTH = 10
+#: straggler setting -> title: none, the last replica always, one replica per step
+CONDITIONS = {"": "no straggler", "last": "last replica slowed 2x",
+              "*": "one replica per step slowed 2x"}
 
 
 from launch_common import mpirun, train_env  # noqa: E402  (benchmarks/)
@@ -79,15 +82,15 @@ def plot(runs: list[dict], path: Path, batch: int) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8), sharey=True)
-    for col, slowed in enumerate((False, True)):
+    fig, axes = plt.subplots(2, len(CONDITIONS), figsize=(6 * len(CONDITIONS), 8), sharey=True)
+    for col, (slowed, title) in enumerate(CONDITIONS.items()):
         for r in runs:
             if r["slowed"] != slowed:
                 continue
             samples = [batch * (i + 1) for i in range(len(r["loss"]))]
             axes[0][col].plot(r["time"], _smoothed(r["loss"]), label=r["name"])
             axes[1][col].plot(samples, _smoothed(r["loss"]), label=r["name"])
-        axes[0][col].set_title("last replica slowed 2x" if slowed else "no straggler")
+        axes[0][col].set_title(title)
         axes[0][col].set_xlabel("wall time (s)")
         axes[1][col].set_xlabel("samples")
         for row in (0, 1):
@@ -117,31 +120,32 @@ def main() -> int:
                              f"parallel.ps_servers={servers}", f"parallel.staleness={s}"],
                             workers - 1))
     runs = []
-    for slowed in (False, True):
+    suffix = {"": "", "last": " slowed", "*": " rotating"}
+    for slowed in CONDITIONS:
         for name, sets, last in configs:
-            extra = [f"parallel.straggler={last}:2"] if slowed else []
+            extra = []
+            if slowed:
+                extra = [f"parallel.straggler={last if slowed == 'last' else '*'}:2"]
             steps = args.steps if name == "sync" else round(args.steps * args.ps_steps)
-            r = run(name + (" slowed" if slowed else ""), sets + extra, steps,
-                    args.framework, out)
+            r = run(name + suffix[slowed], sets + extra, steps, args.framework, out)
             r["slowed"] = slowed
             r["base"] = name
             runs.append(r)
-            print(f"{r['name']:<18} {steps:4d} steps, wall {r['time'][-1]:7.2f} s  final loss "
+            print(f"{r['name']:<20} {steps:4d} steps, wall {r['time'][-1]:7.2f} s  final loss "
                   f"{sum(r['loss'][-SMOOTH:]) / SMOOTH:.4f}  max staleness "
                   f"{r['staleness_max']}", flush=True)
     print()
-    for slowed in (False, True):
+    for slowed, title in CONDITIONS.items():
         sync = next(r for r in runs if r["base"] == "sync" and r["slowed"] == slowed)
         target = sum(sync["loss"][-SMOOTH:]) / SMOOTH
         wall = sync["time"][-1]
-        print(f"{'with' if slowed else 'without'} the straggler: sync reaches {target:.4f} "
-              f"in {wall:.2f} s")
+        print(f"{title}: sync reaches {target:.4f} in {wall:.2f} s")
         for r in runs:
             if r["slowed"] != slowed or r["base"] == "sync":
                 continue
             t = time_to(r, target)
             text = "never" if t is None else f"{t:7.2f} s = {t / wall:.2f} of sync"
-            print(f"  {r['name']:<18} reaches it at {text}")
+            print(f"  {r['name']:<20} reaches it at {text}")
     if args.out:
         plot(runs, out / "ps_straggler.png", 24)
         (out / "ps_straggler.json").write_text(json.dumps(runs, indent=1))

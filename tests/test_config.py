@@ -219,7 +219,7 @@ def test_list_settings_round_trip_through_toml():
     (["parallel.mode=async"], "unknown parallel.mode 'async'"),
     (["parallel.mode=ps", "parallel.staleness=-1"], "parallel.staleness must be >= 0, got -1"),
     (["parallel.mode=ps", "parallel.ps_servers=0"], "parallel.ps_servers must be >= 1"),
-    (["parallel.straggler=1"], 'parallel.straggler must be "REPLICA:FACTOR"'),
+    (["parallel.straggler=1"], 'parallel.straggler must be "REPLICA:FACTOR" or "*:FACTOR"'),
     (["parallel.straggler=0:0.5"], "the factor >= 1"),
     (["parallel.dp=2", "parallel.straggler=2:2"], "names replica 2, but there are dp=2"),
     (["parallel.mode=ps", "train.zero=1", "parallel.dp=2"], 'needs train.zero = 0'),
@@ -229,3 +229,16 @@ def test_list_settings_round_trip_through_toml():
 def test_parameter_server_settings_checked_at_config_time(overrides, pattern):
     with pytest.raises(ConfigError, match=re.escape(pattern)):
         build_config({}, overrides)
+
+
+def test_transient_straggler_slows_one_replica_per_step_the_same_on_every_rank():
+    from hvdllm.common.config import parse_straggler, slow_factor
+
+    knob = parse_straggler("*:2")
+    picks = [[slow_factor(knob, r, 3, 1234, step) for r in range(3)] for step in range(1, 61)]
+    assert all(sorted(p) == [1.0, 1.0, 2.0] for p in picks)
+    counts = [sum(p[r] == 2.0 for p in picks) for r in range(3)]
+    assert min(counts) >= 10, counts  # every replica gets its turn
+    assert slow_factor(parse_straggler("1:3"), 1, 3, 0, 5) == 3.0
+    assert slow_factor(parse_straggler("1:3"), 0, 3, 0, 5) == 1.0
+    assert slow_factor(None, 0, 3, 0, 5) == 1.0

@@ -136,7 +136,8 @@ class ParallelConfig:
         straggler: test knob of "ps" and "sync" modes: "R:F" slows data-parallel
             (worker) replica R by a factor F: after each step's forward and
             backward, before its gradients leave, it sleeps F - 1 times as
-            long as they took; "" = off.
+            long as they took.  "*:F" slows one replica per step, drawn from
+            the seed and the step (a transient straggler); "" = off.
     """
 
     dp: int = 1
@@ -660,19 +661,34 @@ def straggle(factor: float, began: float) -> None:
 
 
 def parse_straggler(value: str) -> tuple[int, float] | None:
-    """``parallel.straggler`` "R:F" as (replica R, factor F); None when off."""
+    """``parallel.straggler`` "R:F" as (replica R, factor F), "*:F" as (-1, F); None when off."""
     if not value:
         return None
     try:
         replica, factor = value.split(":")
-        out = int(replica), float(factor)
+        out = (-1 if replica.strip() == "*" else int(replica)), float(factor)
     except ValueError:
-        raise ConfigError(f'parallel.straggler must be "REPLICA:FACTOR" (e.g. "1:2"), '
-                          f"got {value!r}") from None
-    if out[0] < 0 or not out[1] >= 1.0:
-        raise ConfigError(f"parallel.straggler {value!r}: the replica must be >= 0 and the "
-                          f"factor >= 1")
+        raise ConfigError(f'parallel.straggler must be "REPLICA:FACTOR" or "*:FACTOR" (e.g. '
+                          f'"1:2"), got {value!r}') from None
+    if out[0] < -1 or not out[1] >= 1.0:
+        raise ConfigError(f"parallel.straggler {value!r}: the replica must be >= 0 (or *) and "
+                          f"the factor >= 1")
     return out
+
+
+def slow_factor(straggler: tuple[int, float] | None, replica: int, dp: int, seed: int,
+                step: int) -> float:
+    """How many times as long ``replica``'s step ``step`` takes under the knob:
+    a named replica always, "*" one replica per step, drawn from the seed and
+    the step (the same draw on every rank)."""
+    if straggler is None:
+        return 1.0
+    slowed = straggler[0]
+    if slowed < 0:
+        import numpy as np
+
+        slowed = int(np.random.default_rng([seed, 104729, step]).integers(dp))
+    return straggler[1] if slowed == replica else 1.0
 
 
 def _validate_parameter_server(cfg: Config) -> None:

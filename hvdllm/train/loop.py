@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..common import timeline, watchdog
-from ..common.config import Config, parse_straggler
+from ..common.config import Config, parse_straggler, slow_factor
 from ..common.data import ShardedBatchSampler, TokenWindows, eval_micro_batches
 from ..common.tokenizer import load_tokenizer
 from ..common.metrics import MetricsWriter, ProgressBar
@@ -105,8 +105,6 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
                                   dp_rank, groups.topology.dp, t.seed)
     checkpoints = RunCheckpoints(cfg, groups, engine, sampler)
     straggler = parse_straggler(cfg.parallel.straggler)
-    if straggler is not None and straggler[0] == dp_rank:
-        engine.slow_factor = straggler[1]  # it sleeps after each forward and backward
     try:
         done = checkpoints.restore(resume or ResumePoint())
         writer.open(keep_until=done if done else None)
@@ -123,6 +121,9 @@ def run_training(cfg: Config, engine: Engine, windows: TokenWindows, groups: Par
             prof.at_step(step)
             micro = [windows.batch(indices) for indices in sampler.next_step()]
             lr = learning_rate(step, cfg)
+            if straggler is not None:  # the replica sleeps after its forward and backward
+                engine.slow_factor = slow_factor(straggler, dp_rank, groups.topology.dp, t.seed,
+                                                 step)
             local_loss = engine.train_step(micro, lr)
             window_steps += 1
             val_loss = None

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from ..common.config import Config, check_ps_world, parse_straggler, to_toml
+from ..common.config import Config, check_ps_world, parse_straggler, slow_factor, to_toml
 from ..common.data import ShardedBatchSampler, load_datasets
 from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
@@ -163,8 +163,6 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
                                   replica, p.dp, t.seed)
     sampler.state.consumed = start * t.global_batch_size  # the data order is the step's
     straggler = parse_straggler(p.straggler)
-    if straggler is not None and straggler[0] == replica:
-        engine.slow_factor = straggler[1]
     params = engine.ps_get()
     client = ServerClient(comm, servers, space, replica, params.size, p.timeout_sec)
     client.hello(params, engine.ps_decay_mask())
@@ -174,6 +172,7 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
     began_run = time.perf_counter()
     for clock in range(start, t.steps):
         micro = [windows.batch(indices) for indices in sampler.next_step()]
+        engine.slow_factor = slow_factor(straggler, replica, p.dp, t.seed, clock + 1)
         loss = engine.compute_gradients(micro)  # a straggler sleeps in there
         grads = engine.ps_gradients()
         client.push(clock, grads, loss)
