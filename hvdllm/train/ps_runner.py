@@ -152,7 +152,6 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
               f"{server.updates[0].loss:.4f} -> {server.updates[-1].loss:.4f}; largest "
               f"staleness {worst} (bound {p.staleness}); metrics in "
               f"{cfg.output.dir}/metrics.jsonl", flush=True)
-    summary.staleness = [u.staleness for u in server.updates]  # type: ignore[attr-defined]
     return summary
 
 
