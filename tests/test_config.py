@@ -219,6 +219,8 @@ def test_list_settings_round_trip_through_toml():
     (["parallel.mode=async"], "unknown parallel.mode 'async'"),
     (["parallel.mode=ps", "parallel.staleness=-1"], "parallel.staleness must be >= 0, got -1"),
     (["parallel.mode=ps", "parallel.ps_servers=0"], "parallel.ps_servers must be >= 1"),
+    (["parallel.mode=ps", "parallel.ps_compensation=extrapolat"],
+     "unknown parallel.ps_compensation 'extrapolat' (did you mean 'extrapolate'?)"),
     (["parallel.straggler=1"], 'parallel.straggler must be "REPLICA:FACTOR" or "*:FACTOR"'),
     (["parallel.straggler=0:0.5"], "the factor >= 1"),
     (["parallel.dp=2", "parallel.straggler=2:2"], "names replica 2, but there are dp=2"),

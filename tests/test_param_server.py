@@ -8,6 +8,8 @@
 * a frozen server or worker ends the job within the deadline, with an error
   that names the rank;
 * a run resumed from the servers' checkpoint continues bit for bit;
+* a pull answers the parameters the servers' updates, replayed, give (and
+  their extrapolation with ``ps_compensation = "extrapolate"``);
 * bad layouts fail with one line.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ MODEL = ["model.family=gpt", "model.n_head=4", "model.d_model=32", "model.seq_le
          "model.vocab_size=259", "model.n_layer=2", "train.global_batch_size=8",
          "train.micro_batch_size=2", "train.lr=3e-3", "output.checkpoint=false"]
 FAULT = str(Path(__file__).parent / "mpi_scripts" / "ps_with_fault.py")
+PROTOCOL = str(Path(__file__).parent / "mpi_scripts" / "ps_protocol_check.py")
 
 
 def _args(sets):
@@ -69,6 +72,15 @@ def test_staleness_is_bounded_and_reached_under_a_straggler(tmp_path):
     assert all(r["staleness_max"] == max(r["staleness"]) for r in ps)
     losses = [r["loss"] for r in ps]
     assert losses[-1] < losses[0] - 0.1
+
+
+@pytest.mark.parametrize("mode", ["none", "extrapolate"])
+def test_pull_answers_the_replayed_parameters(mode):
+    """One worker, two servers: a pull for clock 4 at version 2 gets version 2, or
+    with ``parallel.ps_compensation = "extrapolate"`` version 2 plus twice the
+    last update; an up-to-date pull gets the parameters as they are."""
+    res = run_ok(mpirun_prefix(3) + [sys.executable, PROTOCOL, mode], timeout=120)
+    assert "ok" in res.stdout.split()
 
 
 @pytest.mark.slow

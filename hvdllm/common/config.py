@@ -138,6 +138,12 @@ class ParallelConfig:
             backward, before its gradients leave, it sleeps F - 1 times as
             long as they took.  "*:F" slows one replica per step, drawn from
             the seed and the step (a transient straggler); "" = off.
+        ps_compensation: "ps" mode's answer to stale parameters: "none"
+            (a worker computes on the parameters it pulled), or
+            "extrapolate": a server answers a pull for clock c with
+            parameters of version v moved on by (c - v) times its last
+            update, a guess of the parameters of version c (weight
+            prediction).  With staleness 0 (c = v) both are synchronous.
     """
 
     dp: int = 1
@@ -155,6 +161,7 @@ class ParallelConfig:
     ps_servers: int = 1
     staleness: int = 0
     straggler: str = ""
+    ps_compensation: str = "none"
 
 
 @dataclass
@@ -649,6 +656,7 @@ def _validate_pipeline(cfg: Config) -> None:
 
 
 PARALLEL_MODES = ("sync", "ps")
+PS_COMPENSATIONS = ("none", "extrapolate")
 
 
 def straggle(factor: float, began: float) -> None:
@@ -695,6 +703,7 @@ def _validate_parameter_server(cfg: Config) -> None:
     """``parallel.mode`` and what "ps" mode supports."""
     p, t = cfg.parallel, cfg.train
     _choice("parallel.mode", p.mode, PARALLEL_MODES)
+    _choice("parallel.ps_compensation", p.ps_compensation, PS_COMPENSATIONS)
     straggler = parse_straggler(p.straggler)
     if straggler is not None and straggler[0] >= p.dp:
         raise ConfigError(f"parallel.straggler {p.straggler!r} names replica {straggler[0]}, "

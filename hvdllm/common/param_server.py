@@ -136,6 +136,8 @@ class ShardState:
 class _Space:
     state: ShardState
     version: int = 0
+    # the last update (params after minus before), for "extrapolate"
+    delta: np.ndarray | None = None
     # clock -> replica -> (gradient, loss, staleness)
     pending: dict[int, dict[int, tuple[np.ndarray, float, int]]] = field(default_factory=dict)
 
@@ -173,7 +175,7 @@ class ParameterServer:
                  lr: Callable[[int], float], spec: OptimizerSpec, timeout: float,
                  on_update: Callable[[UpdateRecord], None] | None = None,
                  first_clock: int = 0, save: Callable[[int, dict], None] | None = None,
-                 save_every: int = 0, save_last: bool = False):
+                 save_every: int = 0, save_last: bool = False, extrapolate: bool = False):
         self.comm = comm
         self.workers = list(workers)
         self.coords = coords
@@ -190,11 +192,13 @@ class ParameterServer:
         self.spaces: dict[int, _Space] = {}
         self.last_push: dict[int, int] = {w: first_clock - 1 for w in self.workers}
         self.updates: list[UpdateRecord] = []
-        self._waiting_pulls: list[tuple[int, int, int]] = []  # (worker, space, min version)
+        # (worker, space, min version, the clock it computes next)
+        self._waiting_pulls: list[tuple[int, int, int, int]] = []
         self._sends: list[tuple[Any, Any]] = []
         self.save = save
         self.save_every = save_every
         self.save_last = save_last
+        self.extrapolate = extrapolate
         self._captured: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         self._start = time.monotonic()
 
@@ -236,7 +240,10 @@ class ParameterServer:
                         state.m = saved["m"].copy()
                     if "v" in saved:
                         state.v = saved["v"].copy()
-                self.spaces[space] = _Space(state, version=self.first_clock)
+                delta = None
+                if states is not None and "delta" in states[space]:
+                    delta = states[space]["delta"].copy()
+                self.spaces[space] = _Space(state, version=self.first_clock, delta=delta)
         if len(self.spaces) != self.n_spaces:
             raise ParameterServerError(f"parameter server: {len(self.spaces)} spaces had a "
                                        f"first-replica rank, expected {self.n_spaces}")
@@ -259,7 +266,8 @@ class ParameterServer:
             if kind == PUSH:
                 self._push(src, header)
             elif kind == PULL:
-                self._waiting_pulls.append((src, int(header[2]), int(header[3])))
+                self._waiting_pulls.append((src, int(header[2]), int(header[3]),
+                                            int(header[1])))
             elif kind == BYE:
                 done.add(src)
             else:
@@ -282,6 +290,8 @@ class ParameterServer:
             out["m"] = st.m.copy()
         if st.v is not None:
             out["v"] = st.v.copy()
+        if self.spaces[space].delta is not None:
+            out["delta"] = self.spaces[space].delta.copy()
         return out
 
     def _push(self, src: int, header: np.ndarray) -> None:
@@ -307,7 +317,11 @@ class ParameterServer:
             total += got[r][0]
         total /= np.float32(self.replicas)
         lr = self.lr(clock + 1)
+        before = space.state.params.copy() if self.extrapolate else None
         space.state.apply(total, lr)
+        if before is not None:
+            np.subtract(space.state.params, before, out=before)
+            space.delta = before
         space.version += 1
         v = space.version
         if self.save is not None and ((self.save_every and v % self.save_every == 0)
@@ -327,15 +341,18 @@ class ParameterServer:
 
     def _answer_pulls(self) -> None:
         keep = []
-        for src, sid, need in self._waiting_pulls:
+        for src, sid, need, clock in self._waiting_pulls:
             space = self.spaces[sid]
             if space.version >= need:
                 head = np.array([float(space.version)])
                 data = space.state.params.copy()
+                ahead = clock - space.version
+                if self.extrapolate and ahead > 0 and space.delta is not None:
+                    data += np.float32(ahead) * space.delta  # weight prediction
                 self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
                 self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA), data))
             else:
-                keep.append((src, sid, need))
+                keep.append((src, sid, need, clock))
         self._waiting_pulls = keep
 
     def _reap_sends(self) -> None:
@@ -421,13 +438,16 @@ class ServerClient:
             self._send(self._header(PUSH, clock, self.version, loss), srv, TAG_HEADER)
             self._send(np.ascontiguousarray(grad[lo:hi], np.float32), srv, TAG_DATA)
 
-    def pull(self, need: int, out: np.ndarray) -> int:
-        """Fill ``out`` with parameters of version at least ``need`` (per shard);
-        returns the oldest shard's version, which becomes :attr:`version`."""
+    def pull(self, need: int, out: np.ndarray, clock: int | None = None) -> int:
+        """Fill ``out`` with parameters of version at least ``need`` (per shard),
+        for computing clock ``clock`` (default ``need``; servers that
+        extrapolate move stale parameters towards that clock); returns the
+        oldest shard's version, which becomes :attr:`version`."""
         versions = [np.empty(1) for _ in self.servers]
         reqs = []
         for srv, buf, (lo, hi) in zip(self.servers, versions, self.bounds):
-            self._send(self._header(PULL, 0, need, 0.0), srv, TAG_HEADER)
+            self._send(self._header(PULL, need if clock is None else clock, need, 0.0), srv,
+                       TAG_HEADER)
             reqs.append(self.comm.Irecv(buf, source=srv, tag=TAG_REPLY))
             reqs.append(self.comm.Irecv(out[lo:hi], source=srv, tag=TAG_REPLY_DATA))
         self._wait(reqs, f"parameters of version >= {need}", pending=versions)

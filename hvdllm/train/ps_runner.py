@@ -136,7 +136,8 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
                              save=lambda step, spaces: save_shards(cfg.output.dir, step, index,
                                                                    len(servers), spaces),
                              save_every=cfg.output.checkpoint_every,
-                             save_last=cfg.output.checkpoint)
+                             save_last=cfg.output.checkpoint,
+                             extrapolate=p.ps_compensation == "extrapolate")
     began = time.perf_counter()
     try:
         server.receive_spaces(states)
@@ -177,7 +178,7 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
         client.push(clock, grads, loss)
         summary.losses.append(loss)
         if clock + 1 < t.steps:
-            client.pull(clock + 1 - p.staleness, params)
+            client.pull(clock + 1 - p.staleness, params, clock=clock + 1)
             engine.ps_set(params)
     client.bye()
     summary.steps = t.steps
