@@ -9,6 +9,8 @@ small GPT, the same global batch and seed in every run:
 * ``sync``: ``parallel.mode = "sync"``, dp = 4 on all four ranks;
 * ``1+3 s=S`` and ``2+2 s=S``: 1 server and 3 worker replicas, or 2 and 2,
   with staleness S in 0, 1, 2, 4;
+* ``1+3 s=S x`` (S = 2, 4): the same with ``parallel.ps_compensation =
+  "extrapolate"`` (stale pulls moved on by the last update per missing step);
 
 each as it is, with the last replica slowed 2x (``parallel.straggler =
 "R:2"``: after each forward and backward it sleeps as long as they took),
@@ -48,7 +50,7 @@ _mpirun = mpirun
 
 
 def run(name: str, sets: list[str], steps: int, framework: str, out: Path) -> dict:
-    work = out / name.replace(" ", "_").replace("=", "")
+    work = out / name.replace(" ", "_").replace("=", "").replace("+", "p")
     if work.exists():
         shutil.rmtree(work)
     cmd = [_mpirun(), "-np", "4", "--oversubscribe", sys.executable, "-m", "hvdllm", "train"]
@@ -119,6 +121,9 @@ def main() -> int:
                             [f"parallel.dp={workers}", "parallel.mode=ps", f"train.lr={args.lr}",
                              f"parallel.ps_servers={servers}", f"parallel.staleness={s}"],
                             workers - 1))
+            if servers == 1 and s in (2, 4):
+                configs.append((f"1+3 s={s} x", configs[-1][1]
+                                + ["parallel.ps_compensation=extrapolate"], workers - 1))
     runs = []
     suffix = {"": "", "last": " slowed", "*": " rotating"}
     for slowed in CONDITIONS:
