@@ -1,7 +1,8 @@
 """Parameter-server mode against synchronous DP, with and without a straggler.
 
     python benchmarks/ps_straggler.py [--steps 100] [--ps-steps 1.5] [--lr 1e-3]
-                                      [--framework torch] [--out DIR]
+                                      [--framework torch] [--conditions none,last,rotating]
+                                      [--out DIR]
 
 Four ranks of this machine (oversubscribed when it has fewer cores), one
 small GPT, the same global batch and seed in every run:
@@ -78,14 +79,15 @@ def time_to(run_: dict, target: float) -> float | None:
     return None
 
 
-def plot(runs: list[dict], path: Path, batch: int) -> None:
+def plot(runs: list[dict], path: Path, batch: int, conditions: dict[str, str]) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, len(CONDITIONS), figsize=(6 * len(CONDITIONS), 8), sharey=True)
-    for col, (slowed, title) in enumerate(CONDITIONS.items()):
+    fig, axes = plt.subplots(2, len(conditions), figsize=(6 * len(conditions), 8), sharey=True,
+                             squeeze=False)
+    for col, (slowed, title) in enumerate(conditions.items()):
         for r in runs:
             if r["slowed"] != slowed:
                 continue
@@ -110,6 +112,9 @@ def main() -> int:
     ap.add_argument("--ps-steps", type=float, default=1.5,
                     help="parameter-server runs take this many times --steps, so that stale "
                          "runs can reach the sync run's final loss")
+    ap.add_argument("--conditions", default="none,last,rotating",
+                    help="comma-separated straggler conditions to run: none (no straggler), "
+                         "last (the last replica always 2x), rotating (one replica per step)")
     ap.add_argument("--out", help="keep the runs here and write the plot")
     args = ap.parse_args()
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="ps-straggler-"))
@@ -126,7 +131,12 @@ def main() -> int:
                                 + ["parallel.ps_compensation=extrapolate"], workers - 1))
     runs = []
     suffix = {"": "", "last": " slowed", "*": " rotating"}
-    for slowed in CONDITIONS:
+    names = {"none": "", "last": "last", "rotating": "*"}
+    unknown = [c for c in args.conditions.split(",") if c not in names]
+    if unknown:
+        ap.error(f"unknown condition(s) {', '.join(unknown)}; choose from none, last, rotating")
+    conditions = {names[c]: CONDITIONS[names[c]] for c in args.conditions.split(",")}
+    for slowed in conditions:
         for name, sets, last in configs:
             extra = []
             if slowed:
@@ -140,7 +150,7 @@ def main() -> int:
                   f"{sum(r['loss'][-SMOOTH:]) / SMOOTH:.4f}  max staleness "
                   f"{r['staleness_max']}", flush=True)
     print()
-    for slowed, title in CONDITIONS.items():
+    for slowed, title in conditions.items():
         sync = next(r for r in runs if r["base"] == "sync" and r["slowed"] == slowed)
         target = sum(sync["loss"][-SMOOTH:]) / SMOOTH
         wall = sync["time"][-1]
@@ -152,7 +162,7 @@ def main() -> int:
             text = "never" if t is None else f"{t:7.2f} s = {t / wall:.2f} of sync"
             print(f"  {r['name']:<20} reaches it at {text}")
     if args.out:
-        plot(runs, out / "ps_straggler.png", 24)
+        plot(runs, out / "ps_straggler.png", 24, conditions)
         (out / "ps_straggler.json").write_text(json.dumps(runs, indent=1))
         print(f"wrote {out / 'ps_straggler.png'}")
     return 0

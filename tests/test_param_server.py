@@ -84,12 +84,14 @@ def test_pull_answers_the_replayed_parameters(mode):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 @pytest.mark.parametrize("inside,servers", [("parallel.tp=2", 2), ("parallel.pp=2", 1)])
-def test_tensor_and_pipeline_parallel_replicas(tmp_path, inside, servers):
+def test_tensor_and_pipeline_parallel_replicas(tmp_path, framework, inside, servers):
     """Replicas of tp=2 (on 2 servers) or pp=2: the same losses as synchronous dp=2 x that."""
-    sync = _train(tmp_path, "sync", 4, ["parallel.dp=2", inside], steps=8)
-    ps = _train(tmp_path, "ps", 4 + servers, ["parallel.dp=2", inside, "parallel.mode=ps",
-                                              f"parallel.ps_servers={servers}"], steps=8)
+    both = ["parallel.dp=2", inside, f"train.framework={framework}"]
+    sync = _train(tmp_path, "sync", 4, both, steps=8)
+    ps = _train(tmp_path, "ps", 4 + servers, both + ["parallel.mode=ps",
+                                                     f"parallel.ps_servers={servers}"], steps=8)
     np.testing.assert_allclose([r["loss"] for r in ps], [r["loss"] for r in sync], rtol=1e-5)
 
 
@@ -147,3 +149,28 @@ def test_newest_complete_checkpoint_needs_every_server(tmp_path):
     loaded = ps.load_shards(tmp_path, 4, 1)
     np.testing.assert_array_equal(loaded[0]["params"], state[0]["params"])
     assert int(loaded[0]["step"]) == 4
+
+
+def test_the_writer_keeps_the_newest_complete_checkpoints(tmp_path):
+    """The first server's writer prunes all but the newest ``keep`` complete
+    checkpoints; an incomplete newer one stays (a server may still be writing
+    it) and does not count; a failed write raises at the next call."""
+    from hvdllm.common import param_server as ps
+
+    state = {0: {"params": np.arange(3, dtype=np.float32), "step": np.array(1)}}
+    ps.save_shards(tmp_path, 2, 1, 2, state)
+    ps.save_shards(tmp_path, 4, 1, 2, state)
+    writer = ps.ShardWriter(tmp_path, 0, 2, keep=1)
+    for step in (2, 4, 6):
+        writer.submit(step, state)  # server 1 never writes step 6
+    writer.close()
+    left = sorted(p.name for p in (tmp_path / ps.PS_CHECKPOINTS).iterdir())
+    assert left == ["step-00000004", "step-00000006"]
+    assert ps.newest_complete(tmp_path, 2, 100) == 4
+
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file where the checkpoint folder would go")
+    bad = ps.ShardWriter(blocked, 0, 1, keep=1)
+    bad.submit(2, state)
+    with pytest.raises(ps.ParameterServerError, match="writing its checkpoint failed"):
+        bad.close()

@@ -496,6 +496,52 @@ class ServerClient:
 PS_CHECKPOINTS = "ps_checkpoints"
 
 
+class ShardWriter:
+    """Writes a server's checkpoints on a thread of their own, so the serving
+    loop only copies its shards (the workers are not held up by the disk).
+
+    One write is in flight at a time: :meth:`submit` waits for the previous
+    one.  A failed write raises :class:`ParameterServerError` at the next
+    :meth:`submit` or at :meth:`close`.  The first server (``index`` 0)
+    then removes the checkpoints older than the newest ``keep`` that every
+    server finished (``keep`` 0 keeps all).
+    """
+
+    def __init__(self, root: Any, index: int, servers: int, keep: int):
+        self.root, self.index, self.servers, self.keep = root, index, servers, keep
+        self._thread: Any = None
+        self._error: BaseException | None = None
+
+    def submit(self, step: int, spaces: dict[int, dict[str, np.ndarray]]) -> None:
+        import threading
+
+        self._join()
+        self._thread = threading.Thread(target=self._write, args=(step, spaces),
+                                        name=f"ps-checkpoint-{step}", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Wait for the last write; raise if any failed."""
+        self._join()
+
+    def _join(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise ParameterServerError(f"parameter server {self.index}: writing its checkpoint "
+                                       f"failed: {error}") from error
+
+    def _write(self, step: int, spaces: dict[int, dict[str, np.ndarray]]) -> None:
+        try:
+            save_shards(self.root, step, self.index, self.servers, spaces)
+            if self.index == 0 and self.keep > 0:
+                prune_shards(self.root, self.servers, self.keep)
+        except BaseException as exc:  # noqa: BLE001 - reported by _join
+            self._error = exc
+
+
 def save_shards(root: Any, step: int, index: int, servers: int,
                 spaces: dict[int, dict[str, np.ndarray]]) -> None:
     """Write one server's shards of every space after ``step`` updates (atomically)."""
@@ -537,6 +583,31 @@ def newest_complete(root: Any, servers: int, limit: int) -> int:
                 (folder / f"server-{k}.npz").is_file() for k in range(servers)):
             best = step
     return best
+
+
+def prune_shards(root: Any, servers: int, keep: int) -> list[int]:
+    """Remove every checkpoint (complete or not) older than the ``keep``-th newest
+    complete one; return the removed steps."""
+    import shutil
+    from pathlib import Path
+
+    base = Path(root) / PS_CHECKPOINTS
+    steps: dict[int, Path] = {}
+    for folder in base.glob("step-*"):
+        try:
+            steps[int(folder.name.split("-", 1)[1])] = folder
+        except ValueError:
+            continue
+    complete = sorted((s for s, f in steps.items()
+                       if all((f / f"server-{k}.npz").is_file() for k in range(servers))),
+                      reverse=True)
+    if len(complete) <= keep:
+        return []
+    oldest_kept = complete[keep - 1]
+    removed = sorted(s for s in steps if s < oldest_kept)
+    for s in removed:
+        shutil.rmtree(steps[s], ignore_errors=True)
+    return removed
 
 
 def load_shards(root: Any, step: int, index: int) -> dict[int, dict[str, np.ndarray]]:

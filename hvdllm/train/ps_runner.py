@@ -30,8 +30,8 @@ from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
 from ..common.launch import check_launcher, threads_per_rank, world_comm
 from ..common.metrics import MetricsWriter, _summary_writer_class
-from ..common.param_server import (OptimizerSpec, ParameterServer, ServerClient, UpdateRecord,
-                                   load_shards, newest_complete, save_shards)
+from ..common.param_server import (OptimizerSpec, ParameterServer, ServerClient, ShardWriter,
+                                   UpdateRecord, load_shards, newest_complete)
 from ..common.topology import Topology
 from ..common.checkpoint_writer import check_writable
 from .loop import TrainSummary, learning_rate
@@ -129,12 +129,12 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
         d, tp_rank, pp_rank = topo.coords(r)
         return d, tp_rank + p.tp * pp_rank
 
+    shards = ShardWriter(cfg.output.dir, index, len(servers), cfg.output.keep_checkpoints)
     server = ParameterServer(comm, range(topo.world_size), coords, p.dp, p.tp * p.pp, index,
                              len(servers), t.steps, lambda step: learning_rate(step, cfg),
                              OptimizerSpec.from_config(t), p.timeout_sec,
                              on_update=log if index == 0 else None, first_clock=start,
-                             save=lambda step, spaces: save_shards(cfg.output.dir, step, index,
-                                                                   len(servers), spaces),
+                             save=shards.submit,
                              save_every=cfg.output.checkpoint_every,
                              save_last=cfg.output.checkpoint,
                              extrapolate=p.ps_compensation == "extrapolate")
@@ -142,6 +142,7 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
     try:
         server.receive_spaces(states)
         server.serve()
+        shards.close()
     finally:
         writer.close()
     summary.steps = t.steps
