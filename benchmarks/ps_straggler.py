@@ -1,6 +1,6 @@
 """Parameter-server mode against synchronous DP, with and without a straggler.
 
-    python benchmarks/ps_straggler.py [--steps 100] [--ps-steps 1.5] [--lr 1e-3]
+    python benchmarks/ps_straggler.py [--steps 100] [--ps-steps 1.5] [--lr 3e-4]
                                       [--framework torch] [--conditions none,last,rotating]
                                       [--out DIR]
 
@@ -108,7 +108,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--framework", default="torch", choices=["torch", "tensorflow"])
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--ps-steps", type=float, default=1.5,
                     help="parameter-server runs take this many times --steps, so that stale "
                          "runs can reach the sync run's final loss")
