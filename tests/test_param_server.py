@@ -137,6 +137,27 @@ def test_resume_from_the_servers_checkpoint_is_bitwise(tmp_path):
     assert [r["loss"] for r in parts] == [r["loss"] for r in whole]
 
 
+@pytest.mark.parametrize("framework", ["torch", pytest.param("tensorflow",
+                                                             marks=pytest.mark.slow)])
+def test_the_final_state_resumes_a_synchronous_run(tmp_path, framework):
+    """A ps run (s = 0) of 10 steps ends with a training checkpoint of the servers'
+    parameters, optimizer state and data position; a sync dp=2 run resumed
+    from it gives steps 11-20 of a sync run of 20 steps."""
+    both = ["parallel.dp=2", f"train.framework={framework}", "train.weight_decay=0.1"]
+    whole = _train(tmp_path, "whole", 2, both)
+    _train(tmp_path, "ps", 3, both + ["parallel.mode=ps", "output.checkpoint=true"], steps=10)
+    saved = sorted((tmp_path / "ps" / "checkpoints").glob("step-*"))
+    assert [p.name for p in saved] == ["step-00000010"], saved
+    out = tmp_path / "resumed"
+    cmd = hvdllm_cmd("train", *_args(MODEL + both + [
+        f"train.steps={STEPS}", f"output.dir={out}", f"train.resume={saved[0]}"]))
+    run_ok(mpirun_prefix(2) + cmd, timeout=600)
+    resumed = read_metrics(out)
+    assert [r["step"] for r in resumed] == list(range(11, STEPS + 1))
+    np.testing.assert_allclose([r["loss"] for r in resumed],
+                               [r["loss"] for r in whole[10:]], rtol=1e-5)
+
+
 def test_newest_complete_checkpoint_needs_every_server(tmp_path):
     from hvdllm.common import param_server as ps
 

@@ -51,7 +51,8 @@ TAG_REPLY = 7103
 TAG_REPLY_DATA = 7104
 
 # header: [kind, clock, space, version, loss, replica, size]
-HELLO, PUSH, PULL, BYE = 1.0, 2.0, 3.0, 4.0
+HELLO, PUSH, PULL, BYE, STATE = 1.0, 2.0, 3.0, 4.0, 5.0
+_STATE_CLOCK = -1  # a waiting pull with this clock asks for the optimizer state too
 HEADER = 7
 
 
@@ -268,6 +269,8 @@ class ParameterServer:
             elif kind == PULL:
                 self._waiting_pulls.append((src, int(header[2]), int(header[3]),
                                             int(header[1])))
+            elif kind == STATE:
+                self._waiting_pulls.append((src, int(header[2]), int(header[3]), _STATE_CLOCK))
             elif kind == BYE:
                 done.add(src)
             else:
@@ -343,7 +346,15 @@ class ParameterServer:
         keep = []
         for src, sid, need, clock in self._waiting_pulls:
             space = self.spaces[sid]
-            if space.version >= need:
+            if space.version >= need and clock == _STATE_CLOCK:
+                st = space.state
+                head = np.array([float(space.version), float(st.step)])
+                self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
+                for value in (st.params, st.m, st.v):
+                    data = (np.zeros_like(st.params) if value is None else value).copy()
+                    self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA),
+                                        data))
+            elif space.version >= need:
                 head = np.array([float(space.version)])
                 data = space.state.params.copy()
                 ahead = clock - space.version
@@ -454,6 +465,30 @@ class ServerClient:
         self.version = int(min(v[0] for v in versions))
         return self.version
 
+    def pull_state(self, need: int, params: np.ndarray) -> tuple[int, int, dict[str, np.ndarray]]:
+        """Fill ``params`` with version ``need`` or newer and fetch the servers'
+        optimizer state with it: (version, optimizer steps, {"m": first
+        moment or momentum, "v": second moment}) over the whole space.  For
+        the end of a run, when the parameters go into a training checkpoint."""
+        heads = [np.empty(2) for _ in self.servers]
+        slots = {"m": np.empty(self.size, np.float32), "v": np.empty(self.size, np.float32)}
+        reqs = []
+        for srv, head, (lo, hi) in zip(self.servers, heads, self.bounds):
+            self._send(self._header(STATE, need, need, 0.0), srv, TAG_HEADER)
+            reqs.append(self.comm.Irecv(head, source=srv, tag=TAG_REPLY))
+            for out in (params, slots["m"], slots["v"]):
+                # messages between two ranks on one tag arrive in the order sent
+                reqs.append(self.comm.Irecv(out[lo:hi], source=srv, tag=TAG_REPLY_DATA))
+        self._wait(reqs, f"the parameters and optimizer state of version >= {need}",
+                   pending=heads, stride=4)
+        versions = {int(h[0]) for h in heads}
+        steps = {int(h[1]) for h in heads}
+        if len(versions) != 1 or len(steps) != 1:
+            raise ParameterServerError(f"parameter servers answered versions {sorted(versions)} "
+                                       f"and optimizer steps {sorted(steps)}: they differ")
+        self.version = versions.pop()
+        return self.version, steps.pop(), slots
+
     def bye(self) -> None:
         self.flush()
         for srv in self.servers:
@@ -472,7 +507,8 @@ class ServerClient:
     def _send(self, buf: np.ndarray, dest: int, tag: int) -> None:
         self._sends.append((self.comm.Isend(buf, dest=dest, tag=tag), buf))
 
-    def _wait(self, requests: list, what: str, pending: list | None = None) -> None:
+    def _wait(self, requests: list, what: str, pending: list | None = None,
+              stride: int = 2) -> None:
         from mpi4py import MPI
 
         deadline = time.monotonic() + self.timeout
@@ -481,7 +517,7 @@ class ServerClient:
             if time.monotonic() > deadline:
                 me = self.comm.Get_rank()
                 if pending is not None:
-                    late = [srv for srv, r in zip(self.servers, requests[0::2])
+                    late = [srv for srv, r in zip(self.servers, requests[0::stride])
                             if not r.Test()]
                 else:
                     late = self.servers

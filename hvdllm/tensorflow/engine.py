@@ -207,6 +207,24 @@ class TensorFlowEngine:
             v.assign(flat[offset:offset + n].reshape(v.shape))
             offset += n
 
+    def ps_set_optimizer(self, steps: int, slots: dict[str, np.ndarray]) -> None:
+        """Load the servers' optimizer state (flat, in :meth:`ps_get`'s order):
+        ``m`` is AdamW's momentum or SGD's, ``v`` AdamW's velocity; ``steps``
+        updates were applied.  Then :meth:`capture_state` saves a training
+        checkpoint that a synchronous run resumes from."""
+        from .state import _SLOTS, _slot
+
+        suffixes = [suffix for _, suffix in _SLOTS[self.cfg.train.optimizer]]
+        flats = [slots["m"], slots["v"]][:len(suffixes)]
+        opt = self.update.optimizer
+        offset = 0
+        for v in self.variables:
+            n = int(np.prod(v.shape))
+            for suffix, flat in zip(suffixes, flats):
+                _slot(opt, v, suffix).assign(flat[offset:offset + n].reshape(v.shape))
+            offset += n
+        opt.iterations.assign(steps)
+
     def ps_gradients(self) -> np.ndarray:
         return self._ps_grads
 

@@ -170,6 +170,28 @@ class TorchEngine:
                 p.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(p))
                 offset += n
 
+    def ps_set_optimizer(self, steps: int, slots: dict[str, np.ndarray]) -> None:
+        """Load the servers' optimizer state (flat, in :meth:`ps_get`'s order):
+        ``m`` is AdamW's first moment or SGD's momentum, ``v`` AdamW's second
+        moment; ``steps`` updates were applied.  Then :meth:`capture_state`
+        saves a training checkpoint that a synchronous run resumes from."""
+        from .state import _SLOTS
+
+        name = self.cfg.train.optimizer
+        keys = [key for _, key in _SLOTS[name]]
+        flats = [slots["m"], slots["v"]][:len(keys)]
+        opt = self.update.optimizer
+        offset = 0
+        for p in self.ps_parameters():
+            n = p.numel()
+            st: dict[str, torch.Tensor] = {}
+            if name == "adamw":
+                st["step"] = torch.tensor(float(steps), dtype=torch.float32)
+            for key, flat in zip(keys, flats):
+                st[key] = torch.from_numpy(flat[offset:offset + n].copy()).view_as(p)
+            opt.state[p] = st
+            offset += n
+
     def ps_gradients(self) -> np.ndarray:
         return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                           for p in self.ps_parameters()]).numpy()

@@ -157,6 +157,38 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
     return summary
 
 
+def _final_checkpoint(cfg: Config, engine: Any, client: ServerClient, sampler: Any,
+                      params: np.ndarray) -> str | None:
+    """Replica 0's ranks write the servers' final state as a training checkpoint
+    (``output.dir/checkpoints/step-N``, the format of synchronous runs): the
+    parameters, the optimizer state and the data position.  ``hvdllm
+    generate`` and ``export`` read it, and a synchronous run resumes from it
+    (``train.resume = PATH``; the layout is resharded from dp 1)."""
+    from ..common.checkpoint_writer import CheckpointManager
+
+    t = cfg.train
+    _, steps, slots = client.pull_state(t.steps, params)
+    engine.ps_set(params)
+    engine.ps_set_optimizer(steps, slots)
+    world = engine.groups.world
+    topo = engine.groups.topology
+    manager = CheckpointManager(cfg.output.dir, world.comm, cfg.output.keep_checkpoints,
+                                cfg.to_dict(), {"dp": topo.dp, "tp": topo.tp, "pp": topo.pp,
+                                                "world": topo.world_size},
+                                t.framework, cfg.parallel.timeout_sec)
+    try:
+        state = manager.new_state()
+        engine.capture_state(state)
+        state.shared["step"] = t.steps
+        state.shared["data"] = sampler.state_dict()
+        path = manager.save(t.steps, state, blocking=True)
+    finally:
+        manager.close()
+    if world.rank == 0 and path is not None:
+        print(f"hvdllm: wrote the servers' final state to {path}", flush=True)
+    return str(path) if path is not None else None
+
+
 def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
           replica: int, space: int, start: int) -> TrainSummary:
     p, t = cfg.parallel, cfg.train
@@ -181,9 +213,11 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
         if clock + 1 < t.steps:
             client.pull(clock + 1 - p.staleness, params, clock=clock + 1)
             engine.ps_set(params)
+    summary.elapsed_sec = time.perf_counter() - began_run
+    if cfg.output.checkpoint and replica == 0:
+        summary.checkpoint = _final_checkpoint(cfg, engine, client, sampler, params)
     client.bye()
     summary.steps = t.steps
-    summary.elapsed_sec = time.perf_counter() - began_run
     if os.environ.get("HVDLLM_VERBOSE"):
         print(f"hvdllm: worker rank {comm.Get_rank()} (replica {replica}) done", flush=True)
     return summary
