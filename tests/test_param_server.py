@@ -14,7 +14,10 @@
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import hvdllm_cmd, mpirun_prefix, read_metrics, run, run_ok
+from conftest import REPO, base_env, hvdllm_cmd, mpirun_prefix, read_metrics, run, run_ok
 
 pytestmark = pytest.mark.multirank
 STEPS = 20
@@ -156,6 +159,67 @@ def test_the_final_state_resumes_a_synchronous_run(tmp_path, framework):
     assert [r["step"] for r in resumed] == list(range(11, STEPS + 1))
     np.testing.assert_allclose([r["loss"] for r in resumed],
                                [r["loss"] for r in whole[10:]], rtol=1e-5)
+
+
+def _pid_of_rank(marker: str, rank: int) -> int | None:
+    """The training process of world rank ``rank`` whose command line holds ``marker``."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            env = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if (any(marker.encode() in a for a in argv) and b"hvdllm" in argv
+                and f"OMPI_COMM_WORLD_RANK={rank}".encode() in env):
+            return int(entry.name)
+    return None
+
+
+@pytest.mark.parametrize("role,rank,servers", [
+    ("worker", 1, 1), ("second server", 3, 2),
+    pytest.param("first server", 2, 1, marks=pytest.mark.slow)])
+def test_a_signal_stops_saves_and_the_rerun_continues_bitwise(tmp_path, role, rank, servers):
+    """SIGTERM to one rank (a worker or the server) of a long ps run: every rank
+    stops after the same step with exit status 75, the servers' shards and a
+    training checkpoint hold that step, and rerunning the command continues
+    from it with the losses of a run never stopped (s = 0).  A second server
+    passes the signal to the first, which picks the step and tells it."""
+    out = tmp_path / "stopped"
+    ps = ["parallel.dp=2", "parallel.mode=ps", f"parallel.ps_servers={servers}"]
+    sets = MODEL + ps + ["output.checkpoint=false", f"output.dir={out}"]
+    world = 2 + servers
+    cmd = mpirun_prefix(world) + hvdllm_cmd("train", *_args(sets + ["train.steps=100000"]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=base_env(), cwd=REPO, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while len(read_metrics(out) if (out / "metrics.jsonl").exists() else []) < 5:
+            assert time.monotonic() < deadline and proc.poll() is None, proc.poll()
+            time.sleep(0.05)
+        pid = _pid_of_rank(str(out), rank)
+        assert pid is not None
+        os.kill(pid, signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 75, (proc.returncode, stdout[-2000:], stderr[-3000:])
+    assert "rerun the same command to continue" in stderr, stderr[-2000:]
+    records = read_metrics(out)
+    step = records[-1]["step"]
+    assert [r["step"] for r in records] == list(range(1, step + 1))
+    for k in range(servers):
+        assert (out / "ps_checkpoints" / f"step-{step:08d}" / f"server-{k}.npz").is_file()
+    assert (out / "checkpoints" / f"step-{step:08d}" / "manifest.json").is_file()
+    # the rerun (3 steps more) continues from there, as if never stopped
+    res = run_ok(mpirun_prefix(world) + hvdllm_cmd("train", *_args(
+        sets + [f"train.steps={step + 3}"])), timeout=600)
+    assert f"resuming after step {step}" in res.stdout
+    whole = _train(tmp_path, "whole", world, ps, steps=step + 3)
+    assert [r["loss"] for r in read_metrics(out)] == [r["loss"] for r in whole]
 
 
 def test_newest_complete_checkpoint_needs_every_server(tmp_path):

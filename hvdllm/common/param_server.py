@@ -27,6 +27,15 @@ updates, which needs every replica to have pushed clock ``c - s - 1``, that
 is, to have reached clock ``c - s``.  The *staleness* of a gradient is
 ``c - v``; the servers record it per update, and it never exceeds ``s``.
 
+**Stopping early (preemption).**  SIGTERM or SIGUSR1 on any rank stops the
+run after a clock every replica finishes.  A worker (or server) that gets
+the signal tells the first server; that server picks the stop clock ``C``,
+the largest clock any worker has asked parameters for or pushed, and tells
+the other servers.  A pull for a clock beyond ``C`` is answered "stop";
+every worker has pushed up to ``C`` by then (it pushes a clock before it
+pulls for the next), so every server applies the updates up to ``C`` and
+saves version ``C + 1``; replica 0 writes the training checkpoint of it.
+
 **Deadlines.**  Every wait is bounded: a server whose workers stop pushing
 ends after ``parallel.timeout_sec`` with an error that names the workers
 that are behind; a worker whose servers stop answering ends after twice
@@ -51,7 +60,7 @@ TAG_REPLY = 7103
 TAG_REPLY_DATA = 7104
 
 # header: [kind, clock, space, version, loss, replica, size]
-HELLO, PUSH, PULL, BYE, STATE = 1.0, 2.0, 3.0, 4.0, 5.0
+HELLO, PUSH, PULL, BYE, STATE, STOP, STOP_AT = 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0
 _STATE_CLOCK = -1  # a waiting pull with this clock asks for the optimizer state too
 HEADER = 7
 
@@ -176,7 +185,9 @@ class ParameterServer:
                  lr: Callable[[int], float], spec: OptimizerSpec, timeout: float,
                  on_update: Callable[[UpdateRecord], None] | None = None,
                  first_clock: int = 0, save: Callable[[int, dict], None] | None = None,
-                 save_every: int = 0, save_last: bool = False, extrapolate: bool = False):
+                 save_every: int = 0, save_last: bool = False, extrapolate: bool = False,
+                 stop_requested: Callable[[], bool] | None = None,
+                 server_ranks: Sequence[int] | None = None):
         self.comm = comm
         self.workers = list(workers)
         self.coords = coords
@@ -200,6 +211,16 @@ class ParameterServer:
         self.save_every = save_every
         self.save_last = save_last
         self.extrapolate = extrapolate
+        self.stop_requested = stop_requested or (lambda: False)
+        #: the last clock of a run stopped early (None: runs to ``clocks``)
+        self.stop_clock: int | None = None
+        self._told_first = False
+        self._furthest = first_clock - 1  # the largest clock pulled for or pushed
+        self._saved: set[tuple[int, int]] = set()  # (version, space) captured
+        ranks = (list(server_ranks) if server_ranks is not None
+                 else [max(self.workers) + 1 + k for k in range(servers)])
+        self.first_server = ranks[0]
+        self.other_servers = ranks[1:] if index == 0 else []
         self._captured: dict[int, dict[int, dict[str, np.ndarray]]] = {}
         self._start = time.monotonic()
 
@@ -261,29 +282,67 @@ class ParameterServer:
         while len(done) < len(self.workers):
             status = MPI.Status()
             req = self.comm.Irecv(header, source=MPI.ANY_SOURCE, tag=TAG_HEADER)
-            self._wait([req], "a worker's push or pull", status=status, behind=True)
+            self._wait([req], "a worker's push or pull", status=status, behind=True,
+                       poll=self._check_signal)
             src = status.Get_source()
             kind = header[0]
             if kind == PUSH:
                 self._push(src, header)
             elif kind == PULL:
+                self._furthest = max(self._furthest, int(header[1]))
                 self._waiting_pulls.append((src, int(header[2]), int(header[3]),
                                             int(header[1])))
             elif kind == STATE:
                 self._waiting_pulls.append((src, int(header[2]), int(header[3]), _STATE_CLOCK))
             elif kind == BYE:
                 done.add(src)
+            elif kind == STOP:
+                if self.index == 0:
+                    self._decide_stop()
+            elif kind == STOP_AT:
+                self._set_stop(int(header[1]))
             else:
                 raise ParameterServerError(f"parameter server: unknown message kind {kind:g} "
                                            f"from rank {src}")
             self._answer_pulls()
             self._reap_sends()
         self._finish_sends()
+        end = self.clocks if self.stop_clock is None else self.stop_clock + 1
         for sid, space in self.spaces.items():
-            if space.version < self.clocks:
+            if space.version != end:
                 raise ParameterServerError(f"parameter server: space {sid} stopped at version "
-                                           f"{space.version} of {self.clocks}")
+                                           f"{space.version}, expected {end}")
         return self.updates
+
+    # -- stopping early ----------------------------------------------------
+    def _check_signal(self) -> None:
+        """Between messages: act on this rank's own stop signal."""
+        if self.stop_clock is not None or self._told_first or not self.stop_requested():
+            return
+        if self.index == 0:
+            self._decide_stop()
+        else:
+            self._told_first = True
+            head = np.array([STOP, 0, 0, 0, 0, -1, 0], np.float64)
+            self._sends.append((self.comm.Isend(head, dest=self.first_server, tag=TAG_HEADER),
+                                head))
+
+    def _decide_stop(self) -> None:
+        """(First server) the stop clock: the furthest clock any worker has reached."""
+        if self.stop_clock is not None:
+            return
+        clock = min(max(self._furthest, min(s.version for s in self.spaces.values()) - 1),
+                    self.clocks - 1)
+        for dest in self.other_servers:
+            head = np.array([STOP_AT, clock, 0, 0, 0, -1, 0], np.float64)
+            self._sends.append((self.comm.Isend(head, dest=dest, tag=TAG_HEADER), head))
+        self._set_stop(clock)
+
+    def _set_stop(self, clock: int) -> None:
+        self.stop_clock = clock
+        for sid, space in self.spaces.items():
+            self._maybe_save(sid, space)
+        self._answer_pulls()
 
     def state_of(self, space: int) -> dict[str, np.ndarray]:
         """This server's shard of ``space`` and its optimizer state (for checkpoints)."""
@@ -309,7 +368,9 @@ class ParameterServer:
                                        f"twice or after its update")
         space.pending.setdefault(clock, {})[replica] = (grad, float(loss), clock - version)
         self.last_push[src] = max(self.last_push[src], clock)
-        while len(space.pending.get(space.version, {})) == self.replicas:
+        self._furthest = max(self._furthest, clock)
+        while (len(space.pending.get(space.version, {})) == self.replicas
+               and (self.stop_clock is None or space.version <= self.stop_clock)):
             self._apply(sid, space)
 
     def _apply(self, sid: int, space: _Space) -> None:
@@ -326,14 +387,7 @@ class ParameterServer:
             np.subtract(space.state.params, before, out=before)
             space.delta = before
         space.version += 1
-        v = space.version
-        if self.save is not None and ((self.save_every and v % self.save_every == 0)
-                                      or (self.save_last and v == self.clocks)):
-            # each space as it reaches version v; the file once they all have
-            got_v = self._captured.setdefault(v, {})
-            got_v[sid] = self.state_of(sid)
-            if len(got_v) == self.n_spaces:
-                self.save(v, self._captured.pop(v))
+        self._maybe_save(sid, space)
         if sid == 0:
             rec = UpdateRecord(clock, sum(got[r][1] for r in range(self.replicas)) / self.replicas,
                                lr, [got[r][2] for r in range(self.replicas)],
@@ -342,11 +396,32 @@ class ParameterServer:
             if self.on_update is not None:
                 self.on_update(rec)
 
+    def _maybe_save(self, sid: int, space: _Space) -> None:
+        """Capture ``space`` when its version is due for a checkpoint; save the
+        file when every space has reached that version."""
+        v = space.version
+        due = ((self.save_every and v % self.save_every == 0)
+               or (self.save_last and v == self.clocks)
+               or (self.stop_clock is not None and v == self.stop_clock + 1))
+        if self.save is None or not due or (v, sid) in self._saved or v == self.first_clock:
+            return
+        self._saved.add((v, sid))
+        got_v = self._captured.setdefault(v, {})
+        got_v[sid] = self.state_of(sid)
+        if len(got_v) == self.n_spaces:
+            self.save(v, self._captured.pop(v))
+
     def _answer_pulls(self) -> None:
         keep = []
+        stop = -1.0 if self.stop_clock is None else float(self.stop_clock)
         for src, sid, need, clock in self._waiting_pulls:
             space = self.spaces[sid]
-            if space.version >= need and clock == _STATE_CLOCK:
+            if self.stop_clock is not None and clock > self.stop_clock:
+                head = np.array([float(space.version), stop])  # "stop": no clock beyond
+                data = space.state.params.copy()
+                self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
+                self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA), data))
+            elif space.version >= need and clock == _STATE_CLOCK:
                 st = space.state
                 head = np.array([float(space.version), float(st.step)])
                 self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
@@ -355,7 +430,7 @@ class ParameterServer:
                     self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA),
                                         data))
             elif space.version >= need:
-                head = np.array([float(space.version)])
+                head = np.array([float(space.version), stop])
                 data = space.state.params.copy()
                 ahead = clock - space.version
                 if self.extrapolate and ahead > 0 and space.delta is not None:
@@ -375,12 +450,14 @@ class ParameterServer:
             self._sends = []
 
     def _wait(self, requests: list, what: str, status: Any = None, peer: int | None = None,
-              behind: bool = False) -> None:
+              behind: bool = False, poll: Callable[[], None] | None = None) -> None:
         from mpi4py import MPI
 
         deadline = time.monotonic() + self.timeout
         pause = 1e-6
         while True:
+            if poll is not None:
+                poll()
             if len(requests) == 1 and status is not None:
                 if requests[0].Test(status):
                     return
@@ -431,7 +508,16 @@ class ServerClient:
         self.timeout = 2.0 * timeout
         self.bounds = shard_bounds(size, len(self.servers))
         self.version = 0
+        #: set when a server answered "stop": the last clock of the run
+        self.stop_clock: int | None = None
+        self._told_first = False
         self._sends: list[tuple[Any, Any]] = []
+
+    def request_stop(self) -> None:
+        """Tell the first server that this rank got a stop signal (once)."""
+        if not self._told_first:
+            self._told_first = True
+            self._send(self._header(STOP, 0, 0, 0.0), self.servers[0], TAG_HEADER)
 
     def hello(self, params: np.ndarray, decay: np.ndarray) -> None:
         """Introduce this rank to every server (with the initial parameters from replica 0)."""
@@ -453,8 +539,10 @@ class ServerClient:
         """Fill ``out`` with parameters of version at least ``need`` (per shard),
         for computing clock ``clock`` (default ``need``; servers that
         extrapolate move stale parameters towards that clock); returns the
-        oldest shard's version, which becomes :attr:`version`."""
-        versions = [np.empty(1) for _ in self.servers]
+        oldest shard's version, which becomes :attr:`version`.  When the run
+        is stopping before ``clock``, sets :attr:`stop_clock` instead (``out``
+        then holds no particular version)."""
+        versions = [np.empty(2) for _ in self.servers]
         reqs = []
         for srv, buf, (lo, hi) in zip(self.servers, versions, self.bounds):
             self._send(self._header(PULL, need if clock is None else clock, need, 0.0), srv,
@@ -462,8 +550,15 @@ class ServerClient:
             reqs.append(self.comm.Irecv(buf, source=srv, tag=TAG_REPLY))
             reqs.append(self.comm.Irecv(out[lo:hi], source=srv, tag=TAG_REPLY_DATA))
         self._wait(reqs, f"parameters of version >= {need}", pending=versions)
+        stops = [int(v[1]) for v in versions if v[1] >= 0]
+        if stops:
+            self.stop_clock = min(stops)
         self.version = int(min(v[0] for v in versions))
         return self.version
+
+    def stopping_before(self, clock: int) -> bool:
+        """Whether the servers said the run stops before ``clock``."""
+        return self.stop_clock is not None and clock > self.stop_clock
 
     def pull_state(self, need: int, params: np.ndarray) -> tuple[int, int, dict[str, np.ndarray]]:
         """Fill ``params`` with version ``need`` or newer and fetch the servers'

@@ -30,10 +30,12 @@ from ..common.errors import HvdllmError
 from ..common.failure import install_failure_handler
 from ..common.launch import check_launcher, threads_per_rank, world_comm
 from ..common.metrics import MetricsWriter, _summary_writer_class
-from ..common.param_server import (OptimizerSpec, ParameterServer, ServerClient, ShardWriter,
-                                   UpdateRecord, load_shards, newest_complete)
+from ..common.param_server import (PS_CHECKPOINTS, OptimizerSpec, ParameterServer,
+                                   ServerClient, ShardWriter, UpdateRecord, load_shards,
+                                   newest_complete)
 from ..common.topology import Topology
 from ..common.checkpoint_writer import check_writable
+from .checkpointing import Preempted, _StopRequest
 from .loop import TrainSummary, learning_rate
 
 
@@ -90,20 +92,34 @@ def train_ps(cfg: Config) -> TrainSummary:
               f"{servers[0]}-{servers[-1]}) and {p.dp} worker replica(s) of tp {p.tp} x pp "
               f"{p.pp}; staleness bound {p.staleness}"
               + (f"; resuming after step {start}" if start else ""), flush=True)
-    if is_server:
-        return _serve(cfg, comm, servers, topo, start)
-    replica, tp_rank, pp_rank = topo.coords(rank)
-    space = tp_rank + p.tp * pp_rank
-    replica_comm = sub.Split(replica, space)
-    rcfg = replica_config(cfg)
-    groups = dist_mod.init_groups(Topology(1, p.tp, p.pp), replica_comm, p.timeout_sec,
-                                  horovod_dp=False)
-    engine = engine_mod.build_engine(rcfg, groups, threads=threads_per_rank(comm))
-    return _work(cfg, comm, engine, windows, servers, replica, space, start)
+    stop = _StopRequest()  # SIGTERM / SIGUSR1: stop after a clock, save, exit 75
+    stop.install()
+    try:
+        if is_server:
+            return _serve(cfg, comm, servers, topo, start, stop)
+        replica, tp_rank, pp_rank = topo.coords(rank)
+        space = tp_rank + p.tp * pp_rank
+        replica_comm = sub.Split(replica, space)
+        rcfg = replica_config(cfg)
+        groups = dist_mod.init_groups(Topology(1, p.tp, p.pp), replica_comm, p.timeout_sec,
+                                      horovod_dp=False)
+        engine = engine_mod.build_engine(rcfg, groups, threads=threads_per_rank(comm))
+        return _work(cfg, comm, engine, windows, servers, replica, space, start, stop)
+    finally:
+        stop.uninstall()
+
+
+def _preempted(stop: _StopRequest, step: int, checkpoint: str | None) -> Preempted:
+    what = stop.signal_name or "a signal on another rank"
+    where = f"; checkpoint in {checkpoint}" if checkpoint else ""
+    exc = Preempted(f"stopped by {what} after step {step}{where}; the servers' state is in "
+                    f"{PS_CHECKPOINTS}/; rerun the same command to continue")
+    exc.agreed = exc.all_ranks = True  # type: ignore[attr-defined]
+    return exc
 
 
 def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
-           start: int) -> TrainSummary:
+           start: int, stop: _StopRequest) -> TrainSummary:
     p, t = cfg.parallel, cfg.train
     rank = comm.Get_rank()
     index = servers.index(rank)
@@ -137,7 +153,9 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
                              save=shards.submit,
                              save_every=cfg.output.checkpoint_every,
                              save_last=cfg.output.checkpoint,
-                             extrapolate=p.ps_compensation == "extrapolate")
+                             extrapolate=p.ps_compensation == "extrapolate",
+                             stop_requested=lambda: stop.signal_name is not None,
+                             server_ranks=servers)
     began = time.perf_counter()
     try:
         server.receive_spaces(states)
@@ -147,6 +165,8 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
         writer.close()
     summary.steps = t.steps
     summary.elapsed_sec = time.perf_counter() - began
+    if server.stop_clock is not None and server.stop_clock + 1 < t.steps:
+        raise _preempted(stop, server.stop_clock + 1, None)
     if index == 0 and server.updates:
         worst = max(max(u.staleness) for u in server.updates)
         print(f"hvdllm: done steps {start + 1}-{t.steps} in {summary.elapsed_sec:.1f}s on "
@@ -158,16 +178,18 @@ def _serve(cfg: Config, comm: Any, servers: list[int], topo: Topology,
 
 
 def _final_checkpoint(cfg: Config, engine: Any, client: ServerClient, sampler: Any,
-                      params: np.ndarray) -> str | None:
+                      params: np.ndarray, step: int) -> str | None:
     """Replica 0's ranks write the servers' final state as a training checkpoint
     (``output.dir/checkpoints/step-N``, the format of synchronous runs): the
     parameters, the optimizer state and the data position.  ``hvdllm
     generate`` and ``export`` read it, and a synchronous run resumes from it
-    (``train.resume = PATH``; the layout is resharded from dp 1)."""
+    (``train.resume = PATH``; the layout is resharded from dp 1).  ``step``:
+    the run's last step (``train.steps``, or where it stopped early)."""
     from ..common.checkpoint_writer import CheckpointManager
 
     t = cfg.train
-    _, steps, slots = client.pull_state(t.steps, params)
+    _, steps, slots = client.pull_state(step, params)
+    sampler.state.consumed = step * t.global_batch_size
     engine.ps_set(params)
     engine.ps_set_optimizer(steps, slots)
     world = engine.groups.world
@@ -179,9 +201,9 @@ def _final_checkpoint(cfg: Config, engine: Any, client: ServerClient, sampler: A
     try:
         state = manager.new_state()
         engine.capture_state(state)
-        state.shared["step"] = t.steps
+        state.shared["step"] = step
         state.shared["data"] = sampler.state_dict()
-        path = manager.save(t.steps, state, blocking=True)
+        path = manager.save(step, state, blocking=True)
     finally:
         manager.close()
     if world.rank == 0 and path is not None:
@@ -190,7 +212,7 @@ def _final_checkpoint(cfg: Config, engine: Any, client: ServerClient, sampler: A
 
 
 def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
-          replica: int, space: int, start: int) -> TrainSummary:
+          replica: int, space: int, start: int, stop: _StopRequest) -> TrainSummary:
     p, t = cfg.parallel, cfg.train
     sampler = ShardedBatchSampler(len(windows), t.global_batch_size, t.micro_batch_size,
                                   replica, p.dp, t.seed)
@@ -204,6 +226,10 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
     summary = TrainSummary(first_step=start + 1)
     began_run = time.perf_counter()
     for clock in range(start, t.steps):
+        if stop.signal_name is not None:
+            client.request_stop()
+        if client.stopping_before(clock):
+            break
         micro = [windows.batch(indices) for indices in sampler.next_step()]
         engine.slow_factor = slow_factor(straggler, replica, p.dp, t.seed, clock + 1)
         loss = engine.compute_gradients(micro)  # a straggler sleeps in there
@@ -214,9 +240,12 @@ def _work(cfg: Config, comm: Any, engine: Any, windows: Any, servers: list[int],
             client.pull(clock + 1 - p.staleness, params, clock=clock + 1)
             engine.ps_set(params)
     summary.elapsed_sec = time.perf_counter() - began_run
-    if cfg.output.checkpoint and replica == 0:
-        summary.checkpoint = _final_checkpoint(cfg, engine, client, sampler, params)
+    end = t.steps if client.stop_clock is None else min(client.stop_clock + 1, t.steps)
+    if (cfg.output.checkpoint or end < t.steps) and replica == 0:
+        summary.checkpoint = _final_checkpoint(cfg, engine, client, sampler, params, end)
     client.bye()
+    if end < t.steps:
+        raise _preempted(stop, end, summary.checkpoint)
     summary.steps = t.steps
     if os.environ.get("HVDLLM_VERBOSE"):
         print(f"hvdllm: worker rank {comm.Get_rank()} (replica {replica}) done", flush=True)
