@@ -114,6 +114,24 @@ def test_a_frozen_rank_is_named(tmp_path, role, rank, who):
     assert re.search(who, out), out[-3000:]
 
 
+@pytest.mark.slow
+def test_a_frozen_rank_inside_a_tensor_parallel_replica_is_named(tmp_path):
+    """Rank 1 (tp rank 1 of replica 0) freezes: its tp peer's collective times
+    out naming the tp group, the server names rank 1; the job ends."""
+    cmd = [sys.executable, FAULT, "worker", "1", "4", "--", "train",
+           *_args(MODEL + ["parallel.dp=2", "parallel.tp=2", "parallel.mode=ps",
+                           "parallel.timeout_sec=5", "train.steps=30",
+                           f"output.dir={tmp_path}"])]
+    res = run(mpirun_prefix(5) + cmd, timeout=240)
+    ended = time.time()
+    out = res.stdout + res.stderr
+    assert res.returncode != 0, out[-3000:]
+    fault = float(re.search(r"fault on rank \d+ at ([0-9.]+)", out).group(1))
+    assert ended - fault < 30, (ended - fault, out[-3000:])
+    assert re.search(r"worker rank\(s\) 1 \(last pushed clock 3\)", out), out[-3000:]
+    assert "on tp group [0, 1]" in out, out[-3000:]
+
+
 @pytest.mark.parametrize("ranks,sets,needle", [
     (2, ["parallel.ps_servers=2"], "parallel.ps_servers = 2 leaves no worker: the world has 2"),
     (3, ["parallel.dp=2", "parallel.tp=2"],
