@@ -98,19 +98,26 @@ def test_tensor_and_pipeline_parallel_replicas(tmp_path, framework, inside, serv
     np.testing.assert_allclose([r["loss"] for r in ps], [r["loss"] for r in sync], rtol=1e-5)
 
 
-@pytest.mark.parametrize("role,rank,who", [
-    ("server", 2, r"parameter server rank\(s\) 2 stopped answering"),
-    ("worker", 1, r"worker rank\(s\) 1 \(last pushed clock 3\)")])
-def test_a_frozen_rank_is_named(tmp_path, role, rank, who):
+def _freeze(tmp_path, role, rank, world, layout):
+    """Run 30 steps with ``rank`` frozen at clock 4; the job must fail within 30 s
+    of the fault; returns its output."""
     cmd = [sys.executable, FAULT, role, str(rank), "4", "--", "train",
-           *_args(MODEL + ["parallel.dp=2", "parallel.mode=ps", "parallel.timeout_sec=5",
-                           "train.steps=30", f"output.dir={tmp_path}"])]
-    res = run(mpirun_prefix(3) + cmd, timeout=240)
+           *_args(MODEL + layout + ["parallel.mode=ps", "parallel.timeout_sec=5",
+                                    "train.steps=30", f"output.dir={tmp_path}"])]
+    res = run(mpirun_prefix(world) + cmd, timeout=240)
     ended = time.time()
     out = res.stdout + res.stderr
     assert res.returncode != 0, out[-3000:]
     fault = float(re.search(r"fault on rank \d+ at ([0-9.]+)", out).group(1))
     assert ended - fault < 30, (ended - fault, out[-3000:])
+    return out
+
+
+@pytest.mark.parametrize("role,rank,who", [
+    ("server", 2, r"parameter server rank\(s\) 2 stopped answering"),
+    ("worker", 1, r"worker rank\(s\) 1 \(last pushed clock 3\)")])
+def test_a_frozen_rank_is_named(tmp_path, role, rank, who):
+    out = _freeze(tmp_path, role, rank, 3, ["parallel.dp=2"])
     assert re.search(who, out), out[-3000:]
 
 
@@ -118,16 +125,7 @@ def test_a_frozen_rank_is_named(tmp_path, role, rank, who):
 def test_a_frozen_rank_inside_a_tensor_parallel_replica_is_named(tmp_path):
     """Rank 1 (tp rank 1 of replica 0) freezes: its tp peer's collective times
     out naming the tp group, the server names rank 1; the job ends."""
-    cmd = [sys.executable, FAULT, "worker", "1", "4", "--", "train",
-           *_args(MODEL + ["parallel.dp=2", "parallel.tp=2", "parallel.mode=ps",
-                           "parallel.timeout_sec=5", "train.steps=30",
-                           f"output.dir={tmp_path}"])]
-    res = run(mpirun_prefix(5) + cmd, timeout=240)
-    ended = time.time()
-    out = res.stdout + res.stderr
-    assert res.returncode != 0, out[-3000:]
-    fault = float(re.search(r"fault on rank \d+ at ([0-9.]+)", out).group(1))
-    assert ended - fault < 30, (ended - fault, out[-3000:])
+    out = _freeze(tmp_path, "worker", 1, 5, ["parallel.dp=2", "parallel.tp=2"])
     assert re.search(r"worker rank\(s\) 1 \(last pushed clock 3\)", out), out[-3000:]
     assert "on tp group [0, 1]" in out, out[-3000:]
 
