@@ -123,11 +123,14 @@ def test_a_frozen_rank_is_named(tmp_path, role, rank, who):
 
 @pytest.mark.slow
 def test_a_frozen_rank_inside_a_tensor_parallel_replica_is_named(tmp_path):
-    """Rank 1 (tp rank 1 of replica 0) freezes: its tp peer's collective times
-    out naming the tp group, the server names rank 1; the job ends."""
+    """Rank 1 (tp rank 1 of replica 0) freezes.  Two deadlines race, both of
+    ``timeout_sec``: the server names rank 1 as the rank that stopped
+    pushing, and its tp peer's collective names the tp group [0, 1].
+    Whichever fires first ends the job, so either message may be the one."""
     out = _freeze(tmp_path, "worker", 1, 5, ["parallel.dp=2", "parallel.tp=2"])
-    assert re.search(r"worker rank\(s\) 1 \(last pushed clock 3\)", out), out[-3000:]
-    assert "on tp group [0, 1]" in out, out[-3000:]
+    by_server = re.search(r"worker rank\(s\) 1 \(last pushed clock 3\)", out)
+    by_peer = "on tp group [0, 1]" in out
+    assert by_server or by_peer, out[-3000:]
 
 
 @pytest.mark.parametrize("ranks,sets,needle", [

@@ -215,6 +215,7 @@ class ParameterServer:
         #: the last clock of a run stopped early (None: runs to ``clocks``)
         self.stop_clock: int | None = None
         self._told_first = False
+        self._heard_first = index == 0  # the first server decides; the others hear it
         self._furthest = first_clock - 1  # the largest clock pulled for or pushed
         self._saved: set[tuple[int, int]] = set()  # (version, space) captured
         ranks = (list(server_ranks) if server_ranks is not None
@@ -279,7 +280,11 @@ class ParameterServer:
 
         header = np.empty(HEADER)
         done: set[int] = set()
-        while len(done) < len(self.workers):
+        # A server other than the first also waits for the first's STOP_AT when
+        # the workers' goodbyes say the run stopped early (messages from
+        # different ranks may arrive in any order).
+        while len(done) < len(self.workers) or (self.stop_clock is not None
+                                                 and not self._heard_first):
             status = MPI.Status()
             req = self.comm.Irecv(header, source=MPI.ANY_SOURCE, tag=TAG_HEADER)
             self._wait([req], "a worker's push or pull", status=status, behind=True,
@@ -296,11 +301,15 @@ class ParameterServer:
                 self._waiting_pulls.append((src, int(header[2]), int(header[3]), _STATE_CLOCK))
             elif kind == BYE:
                 done.add(src)
+                if header[1] >= 0 and self.stop_clock is None:
+                    self._set_stop(int(header[1]))  # the worker stopped at that clock
             elif kind == STOP:
                 if self.index == 0:
                     self._decide_stop()
             elif kind == STOP_AT:
-                self._set_stop(int(header[1]))
+                self._heard_first = True
+                if self.stop_clock is None:
+                    self._set_stop(int(header[1]))
             else:
                 raise ParameterServerError(f"parameter server: unknown message kind {kind:g} "
                                            f"from rank {src}")
@@ -585,9 +594,11 @@ class ServerClient:
         return self.version, steps.pop(), slots
 
     def bye(self) -> None:
+        """Goodbye to every server, with the clock the run stopped at (-1: none)."""
         self.flush()
+        stop = -1 if self.stop_clock is None else self.stop_clock
         for srv in self.servers:
-            self._send(self._header(BYE, 0, 0, 0.0), srv, TAG_HEADER)
+            self._send(self._header(BYE, stop, 0, 0.0), srv, TAG_HEADER)
         self.flush()
 
     def flush(self) -> None:
