@@ -15,9 +15,10 @@ small GPT, the same global batch and seed in every run:
 
 each as it is, with the last replica slowed 2x (``parallel.straggler =
 "R:2"``: after each forward and backward it sleeps as long as they took),
-and with one replica per step slowed 2x (``"*:2"``, a transient straggler).  The sync run trains ``--steps`` steps, the others 1.5x
-as many, so that a run slowed per step by stale gradients can still reach
-the sync run's final loss.  For each
+and with one replica per step slowed 2x (``"*:2"``, a transient
+straggler).  The sync run trains ``--steps`` steps, the others 1.5x as
+many, so that a run slowed per step by stale gradients can still reach the
+sync run's final loss.  For each
 run: the wall time, the final loss (mean of the last 10 steps) and the wall
 time at which the loss, averaged over 10 steps, first reaches the sync run's
 final loss; the ratio of that to the sync run's wall time (target for

@@ -71,8 +71,8 @@ def train_ps(cfg: Config) -> TrainSummary:
             engine_mod, dist_mod = _load_adapter(t.framework)
     except HvdllmError as exc:
         error = exc
+    install_failure_handler(comm)  # before the agreement, as in sync mode
     _agree(comm, error, p.timeout_sec)
-    install_failure_handler(comm)
     servers = list(range(workers, size))
     # The first server picks the step to resume from: the newest checkpoint
     # that every server wrote (its shards hold all the state there is).

@@ -102,9 +102,10 @@ def train(cfg: Config) -> TrainSummary:
         engine_mod, dist_mod = _load_adapter(cfg.train.framework)
     except HvdllmError as exc:
         error = exc
-    _agree(comm, error, cfg.parallel.timeout_sec)
-
+    # before the agreement: a rank whose agreement times out ends the job
+    # (its pending collective would hold it in MPI_Finalize otherwise)
     install_failure_handler(comm)
+    _agree(comm, error, cfg.parallel.timeout_sec)
     dog = None
     if cfg.parallel.watchdog:
         dog = Watchdog(comm, cfg.parallel.timeout_sec, output_dir=cfg.output.dir,
