@@ -425,30 +425,29 @@ class ParameterServer:
         stop = -1.0 if self.stop_clock is None else float(self.stop_clock)
         for src, sid, need, clock in self._waiting_pulls:
             space = self.spaces[sid]
+            st = space.state
             if self.stop_clock is not None and clock > self.stop_clock:
-                head = np.array([float(space.version), stop])  # "stop": no clock beyond
-                data = space.state.params.copy()
-                self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
-                self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA), data))
+                self._reply(src, [space.version, stop], st.params.copy())  # "stop"
             elif space.version >= need and clock == _STATE_CLOCK:
-                st = space.state
-                head = np.array([float(space.version), float(st.step)])
-                self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
-                for value in (st.params, st.m, st.v):
-                    data = (np.zeros_like(st.params) if value is None else value).copy()
-                    self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA),
-                                        data))
+                self._reply(src, [space.version, st.step],
+                            *((np.zeros_like(st.params) if value is None else value).copy()
+                              for value in (st.params, st.m, st.v)))
             elif space.version >= need:
-                head = np.array([float(space.version), stop])
-                data = space.state.params.copy()
+                data = st.params.copy()
                 ahead = clock - space.version
                 if self.extrapolate and ahead > 0 and space.delta is not None:
                     data += np.float32(ahead) * space.delta  # weight prediction
-                self._sends.append((self.comm.Isend(head, dest=src, tag=TAG_REPLY), head))
-                self._sends.append((self.comm.Isend(data, dest=src, tag=TAG_REPLY_DATA), data))
+                self._reply(src, [space.version, stop], data)
             else:
                 keep.append((src, sid, need, clock))
         self._waiting_pulls = keep
+
+    def _reply(self, dest: int, head: list[float], *arrays: np.ndarray) -> None:
+        """A reply header, then its arrays in order (one tag: they arrive in order)."""
+        buf = np.array(head, np.float64)
+        self._sends.append((self.comm.Isend(buf, dest=dest, tag=TAG_REPLY), buf))
+        for data in arrays:
+            self._sends.append((self.comm.Isend(data, dest=dest, tag=TAG_REPLY_DATA), data))
 
     def _reap_sends(self) -> None:
         self._sends = [(r, b) for r, b in self._sends if not r.Test()]
